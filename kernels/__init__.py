@@ -1,0 +1,1 @@
+"""Triton kernels of personamoe, shipped as ``personamoe.kernels`` (never a top-level package)."""

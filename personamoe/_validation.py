@@ -1,0 +1,157 @@
+"""Host-side checks of the layer's arguments, run before any kernel (DESIGN.md §1, "Validation").
+
+Shape, dtype and device checks always run. Checks that must read the data (persona ids in range,
+finite scaling) run only in eager mode: under ``torch.compile`` or CUDA-graph capture they would
+force a host sync, so the kernels themselves treat out-of-range ids as "no persona".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+NORMALIZE_MODES = ("topk", "full")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _is_tracing() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _require_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_shape(name: str, t: Tensor, expected: tuple[int, ...], what: str) -> None:
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{name}: expected shape {what} = {list(expected)}, got {list(t.shape)}")
+
+
+def _check_same(name: str, t: Tensor, x: Tensor, *, dtype: bool = True) -> None:
+    if t.device != x.device:
+        raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
+    if dtype and t.dtype != x.dtype:
+        raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+
+
+def _check_float_vector(name: str, t: Tensor | None, E: int, x: Tensor, *, positive: bool) -> None:
+    if t is None:
+        return
+    _require_tensor(name, t)
+    _check_shape(name, t, (E,), "[E]")
+    _check_same(name, t, x, dtype=False)
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
+    if not _is_tracing():
+        bad = ~torch.isfinite(t) | ((t <= 0) if positive else torch.zeros_like(t, dtype=torch.bool))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            want = "finite and > 0" if positive else "finite"
+            raise ValueError(f"{name}: expected every entry {want}, got {t[i].item()} at index {i}")
+
+
+def check_layer_args(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: Tensor,
+    top_k: int,
+    temperature: float,
+    normalize: str,
+    calibration: Tensor | None,
+    persona_bias: Tensor | None,
+    persona_ids: Tensor | None,
+    persona_weights: Tensor | None,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument, the expected and the actual value."""
+    _require_tensor("x", x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x: expected one of {[str(d) for d in FLOAT_DTYPES]}, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"x: expected at least 1 dim [..., d_in], got shape {list(x.shape)}")
+    _require_tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected 2 dims [d_out, d_in], got shape {list(weight.shape)}")
+    d_out, d_in = weight.shape
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x: expected last dim d_in = {d_in} (from weight), got {x.shape[-1]}")
+    _check_same("weight", weight, x)
+    if bias is not None:
+        _require_tensor("bias", bias)
+        _check_shape("bias", bias, (d_out,), "[d_out]")
+        _check_same("bias", bias, x)
+    _require_tensor("lora_a", lora_a)
+    if lora_a.dim() != 3:
+        raise ValueError(f"lora_a: expected 3 dims [E, r, d_in], got shape {list(lora_a.shape)}")
+    E, r, _ = lora_a.shape
+    if E < 1:
+        raise ValueError("lora_a: expected at least one expert (E >= 1), got an empty bank (E = 0)")
+    if r < 1:
+        raise ValueError(f"lora_a: expected rank r >= 1, got r = {r}")
+    _check_shape("lora_a", lora_a, (E, r, d_in), "[E, r, d_in]")
+    _check_same("lora_a", lora_a, x)
+    _require_tensor("lora_b", lora_b)
+    _check_shape("lora_b", lora_b, (E, d_out, r), "[E, d_out, r]")
+    _check_same("lora_b", lora_b, x)
+    _require_tensor("scaling", scaling)
+    _check_float_vector("scaling", scaling, E, x, positive=False)
+    _check_float_vector("calibration", calibration, E, x, positive=True)
+
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k: expected an int, got {type(top_k).__name__}")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k: expected 1 <= top_k <= E = {E}, got {top_k}")
+    if not isinstance(temperature, (int, float)) or not (
+        math.isfinite(temperature) and temperature > 0
+    ):
+        raise ValueError(f"temperature: expected a finite float > 0, got {temperature!r}")
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize: expected one of {NORMALIZE_MODES}, got {normalize!r}")
+
+    if persona_bias is not None and persona_weights is not None:
+        raise ValueError(
+            "persona_bias, persona_weights: expected at most one of them (token mode with a bias "
+            "table, or fixed mode with a weight table), got both"
+        )
+    table_name = "persona_bias" if persona_bias is not None else "persona_weights"
+    table = persona_bias if persona_bias is not None else persona_weights
+    if table is not None:
+        _require_tensor(table_name, table)
+        if table.dim() != 2 or table.shape[1] != E:
+            raise ValueError(f"{table_name}: expected shape [P, E={E}], got {list(table.shape)}")
+        if table.shape[0] < 1:
+            raise ValueError(f"{table_name}: expected at least one persona row (P >= 1), got 0")
+        _check_same(table_name, table, x, dtype=False)
+        if not table.is_floating_point():
+            raise TypeError(f"{table_name}: expected a floating dtype, got {table.dtype}")
+    if persona_weights is not None and persona_ids is None:
+        raise ValueError("persona_ids: expected per-token ids with persona_weights, got None")
+    if persona_ids is not None:
+        _require_tensor("persona_ids", persona_ids)
+        if persona_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"persona_ids: expected dtype int32 or int64, got {persona_ids.dtype}")
+        if persona_ids.device != x.device:
+            raise ValueError(f"persona_ids: expected device {x.device}, got {persona_ids.device}")
+        lead = tuple(x.shape[:-1])
+        if tuple(persona_ids.shape) != lead and persona_ids.numel() != math.prod(lead):
+            raise ValueError(
+                f"persona_ids: expected shape {list(lead)} (the leading dims of x), "
+                f"got {list(persona_ids.shape)}"
+            )
+        if table is not None and persona_ids.numel() and not _is_tracing():
+            P = table.shape[0]
+            lo, hi = int(persona_ids.min()), int(persona_ids.max())
+            if lo < -1 or hi >= P:
+                bad = lo if lo < -1 else hi
+                raise ValueError(
+                    f"persona_ids: expected ids in [-1, {P}) (-1 = no persona; P = {P} rows "
+                    f"of {table_name}), got {bad}"
+                )

@@ -1,0 +1,42 @@
+"""The ``cuda`` backend: the compiled decode kernel of ``personamoe._C_cuda`` (T <= 16).
+
+Larger token counts go to the Triton backend. Unavailable when the extension was not built
+(no nvcc at build time, or ``PERSONAMOE_CUDA=OFF``) or when no GPU is present.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from personamoe.backends.base import Backend, LayerArgs, LayerOutputs
+
+DECODE_MAX_TOKENS = 16
+
+
+@functools.cache
+def _cuda_status() -> tuple[bool, str]:
+    try:
+        from personamoe import _C_cuda  # type: ignore[attr-defined]  # noqa: F401
+    except ImportError as e:
+        return False, f"the CUDA extension personamoe._C_cuda is not built ({e})"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is visible to torch"
+    return True, ""
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    device_types = ("cuda",)
+
+    def available(self) -> tuple[bool, str]:
+        return _cuda_status()
+
+    def accepts(self, args: LayerArgs | None) -> bool:
+        return args is None or args.x.shape[0] <= DECODE_MAX_TOKENS
+
+    def forward(self, args: LayerArgs) -> LayerOutputs:
+        from personamoe.backends import cuda_launch
+
+        return cuda_launch.persona_moe_linear(args)

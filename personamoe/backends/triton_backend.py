@@ -1,0 +1,43 @@
+"""The ``triton`` backend (GPU; on CPU only under ``TRITON_INTERPRET=1`` and only when named).
+
+The fused kernels live in ``personamoe.kernels`` (shipped from ``kernels/``); until they land this
+backend reports itself unavailable instead of pretending.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+from personamoe.backends.base import Backend, LayerArgs, LayerOutputs
+
+
+@functools.cache
+def _triton_status() -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "the 'triton' package is not installed"
+    try:
+        from personamoe.kernels import launchers  # noqa: F401
+    except ImportError as e:
+        return False, f"the Triton kernels are not built into this install ({e})"
+    return True, ""
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    device_types = ("cuda",)
+
+    def available(self) -> tuple[bool, str]:
+        return _triton_status()
+
+    def supports(self, device_type: str, *, explicit: bool) -> bool:
+        if device_type == "cuda":
+            return True
+        # The interpreter runs the kernels on CPU tensors, slowly: only when asked for by name.
+        return explicit and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+    def forward(self, args: LayerArgs) -> LayerOutputs:
+        from personamoe.kernels import launchers
+
+        return launchers.persona_moe_linear(args)

@@ -1,0 +1,205 @@
+"""The custom-op boundary ``personamoe::persona_moe_linear`` (DESIGN.md §2).
+
+Registered with ``torch.library.Library`` (``define`` + ``impl``), not ``@custom_op``: the latter's
+Python dispatch costs ~13 µs a call against ~3.5 µs (ANCHORS.md), a third of the budget at decode.
+The op has a fake (meta) implementation, so it traces under ``torch.compile(fullgraph=True)``, and
+an autograd formula. Inside, a backend is chosen at run time (``personamoe.set_backend``).
+
+The public entry point :func:`persona_moe_linear` validates on the host, flattens leading dims and
+calls the op. In eager mode with nothing requiring grad it calls the backend directly, skipping the
+dispatcher round trip (the op would do exactly the same work).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from personamoe import reference
+from personamoe._validation import check_layer_args
+from personamoe.backends import LayerArgs, resolve_backend
+
+__all__ = ["persona_moe_linear", "persona_moe_linear_op"]
+
+_lib = torch.library.Library("personamoe", "DEF")  # noqa: TOR901 - kept alive for the process
+_lib.define(
+    "persona_moe_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+    "Tensor scaling, int top_k, float temperature, str normalize, Tensor? calibration, "
+    "Tensor? persona_bias, Tensor? persona_ids, Tensor? persona_weights) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _run_backend(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    la = LayerArgs(*args)
+    return resolve_backend(la.x.device, la).forward(la)
+
+
+_lib.impl("persona_moe_linear", _run_backend, "CPU")
+_lib.impl("persona_moe_linear", _run_backend, "CUDA")
+
+
+@torch.library.register_fake("personamoe::persona_moe_linear")
+def _fake(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: Tensor,
+    top_k: int,
+    temperature: float,
+    normalize: str,
+    calibration: Tensor | None,
+    persona_bias: Tensor | None,
+    persona_ids: Tensor | None,
+    persona_weights: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    T = x.shape[0]
+    E = lora_a.shape[0]
+    k = min(top_k, E)
+    return (
+        x.new_empty(T, weight.shape[0]),
+        x.new_empty(T, k, dtype=torch.int32),
+        x.new_empty(T, k, dtype=torch.float32),
+        x.new_empty(T, E, dtype=torch.float32),
+    )
+
+
+_SAVED = ("x", "weight", "bias", "lora_a", "lora_b", "scaling", "calibration", "persona_bias",
+          "persona_ids", "persona_weights")  # fmt: skip
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    (x, weight, bias, lora_a, lora_b, scaling, top_k, temperature, normalize, calibration,
+     persona_bias, persona_ids, persona_weights) = inputs  # fmt: skip
+    ctx.save_for_backward(x, weight, bias, lora_a, lora_b, scaling, calibration, persona_bias,
+                          persona_ids, persona_weights, output[1])  # fmt: skip
+    ctx.top_k, ctx.temperature, ctx.normalize = top_k, temperature, normalize
+
+
+def _backward(ctx: Any, grad_y: Tensor, _grad_idx: Tensor | None, grad_gates: Tensor | None,
+              grad_scores: Tensor | None) -> tuple[Tensor | None, ...]:  # fmt: skip
+    """Replays the forward in the reference with the forward's top-k fixed, then differentiates.
+
+    The choice of experts has no gradient (DESIGN.md §1); the gates' gradient flows through the
+    norms into ``h``. Replaying keeps one source of truth for the math until faster backward
+    kernels land.
+    """
+    (x, weight, bias, lora_a, lora_b, scaling, calibration, persona_bias, persona_ids,
+     persona_weights, topk_idx) = ctx.saved_tensors  # fmt: skip
+    wants = ctx.needs_input_grad
+    diff_inputs = {0: x, 1: weight, 2: bias, 3: lora_a, 4: lora_b}
+    targets = {i: t for i, t in diff_inputs.items() if t is not None and wants[i]}
+    grads: list[Tensor | None] = [None] * 13
+    if not targets:
+        return tuple(grads)
+    with torch.enable_grad():
+        leaves = {i: t.detach().requires_grad_(True) for i, t in targets.items()}
+        args = [leaves.get(i, diff_inputs[i]) for i in range(5)]
+        y, _, gates, n = reference.persona_moe_linear_full(
+            *args,
+            scaling,
+            top_k=ctx.top_k,
+            temperature=ctx.temperature,
+            normalize=ctx.normalize,
+            calibration=calibration,
+            persona_bias=persona_bias,
+            persona_ids=persona_ids,
+            persona_weights=persona_weights,
+            topk_idx=topk_idx,
+        )
+        outs, douts = [y], [grad_y]
+        for out, g in ((gates, grad_gates), (n, grad_scores)):
+            if g is not None and out.requires_grad:
+                outs.append(out)
+                douts.append(g)
+        got = torch.autograd.grad(outs, list(leaves.values()), douts, allow_unused=True)
+    for i, g in zip(leaves, got):
+        grads[i] = g if g is not None else torch.zeros_like(leaves[i])
+    return tuple(grads)
+
+
+torch.library.register_autograd(
+    "personamoe::persona_moe_linear", _backward, setup_context=_setup_context
+)
+
+persona_moe_linear_op = torch.ops.personamoe.persona_moe_linear
+"""The raw op on 2-D ``x``: returns ``(y, topk_idx, topk_gates, scores)``; no validation."""
+
+
+def _needs_op(tensors: tuple[Tensor | None, ...]) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return True
+    return False
+
+
+def persona_moe_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: Tensor,
+    *,
+    top_k: int,
+    temperature: float = 1.0,
+    normalize: str = "topk",
+    calibration: Tensor | None = None,
+    persona_bias: Tensor | None = None,
+    persona_ids: Tensor | None = None,
+    persona_weights: Tensor | None = None,
+    return_routing: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """The persona-MoE linear layer (DESIGN.md §1) on the chosen backend; same signature as
+    :func:`personamoe.reference.persona_moe_linear`.
+
+    ``x [..., d_in]``; ``persona_ids`` has the leading dims of ``x`` (``-1`` = no persona).
+    Returns ``y [..., d_out]`` or ``(y, topk_idx [..., k] int32, topk_gates [..., k] fp32)``.
+    """
+    check_layer_args(x, weight, bias, lora_a, lora_b, scaling, top_k, temperature, normalize,
+                     calibration, persona_bias, persona_ids, persona_weights)  # fmt: skip
+    y, idx, gates, _ = persona_moe_linear_scores(
+        x, weight, bias, lora_a, lora_b, scaling, top_k, float(temperature), normalize,
+        calibration, persona_bias, persona_ids, persona_weights,
+    )  # fmt: skip
+    if return_routing:
+        return y, idx, gates
+    return y
+
+
+def persona_moe_linear_scores(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: Tensor,
+    top_k: int,
+    temperature: float,
+    normalize: str,
+    calibration: Tensor | None,
+    persona_bias: Tensor | None,
+    persona_ids: Tensor | None,
+    persona_weights: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Unvalidated: ``(y, topk_idx, topk_gates, scores)`` with the leading dims of ``x`` restored."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    ids = persona_ids.reshape(-1) if persona_ids is not None else None
+    args = (x2, weight, bias, lora_a, lora_b, scaling, top_k, temperature, normalize,
+            calibration, persona_bias, ids, persona_weights)  # fmt: skip
+    if _needs_op((x, weight, bias, lora_a, lora_b)):
+        y, idx, gates, n = persona_moe_linear_op(*args)
+    else:
+        y, idx, gates, n = _run_backend(*args)
+    return (
+        y.reshape(*lead, y.shape[-1]),
+        idx.reshape(*lead, idx.shape[-1]),
+        gates.reshape(*lead, gates.shape[-1]),
+        n.reshape(*lead, n.shape[-1]),
+    )
