@@ -18,7 +18,7 @@ __all__ = ["PersonaMoELinear"]
 
 
 def lora_scaling(rank: int, lora_alpha: float | None, use_rslora: bool) -> float:
-    """PEFT's scaling: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA (``alpha`` defaults to ``r``)."""
+    """PEFT's scaling: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA (``alpha`` defaults to r)."""
     alpha = float(rank if lora_alpha is None else lora_alpha)
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
@@ -35,7 +35,8 @@ class PersonaMoELinear(nn.Module):
         lora_alpha: LoRA alpha (defaults to ``rank``, i.e. scaling 1).
         use_rslora: scaling ``alpha / sqrt(r)`` instead of ``alpha / r``.
         temperature: softmax temperature of the gates.
-        normalize: ``"topk"`` (softmax over the chosen) or ``"full"`` (softmax over all, not renormalised).
+        normalize: ``"topk"`` (softmax over the chosen) or ``"full"`` (softmax over all experts,
+            not renormalised).
         init_lora_weights: ``True`` initialises like PEFT (``lora_B = 0``: the layer starts equal to
             the base); ``False`` draws ``lora_B`` at random too (useful for tests).
         record_routing: keep ``last_routing = (topk_idx, topk_gates)`` after each forward.
@@ -67,15 +68,22 @@ class PersonaMoELinear(nn.Module):
         record_routing: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features),
-                            ("num_experts", num_experts), ("rank", rank)):  # fmt: skip
+        for name, value in (
+            ("in_features", in_features),
+            ("out_features", out_features),
+            ("num_experts", num_experts),
+            ("rank", rank),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-        factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, device=device, dtype=dtype)
+        )
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        )
         self._init_base()
         self._make_bank(num_experts, rank, lora_alpha, use_rslora, init_lora_weights)
         self._set_routing(top_k, temperature, normalize)
@@ -94,11 +102,11 @@ class PersonaMoELinear(nn.Module):
     def _make_bank(
         self, E: int, r: int, lora_alpha: float | None, use_rslora: bool, init_lora_weights: bool
     ) -> None:
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        dev, dt = self.weight.device, self.weight.dtype
         self.num_experts = E
         self.rank = r
-        self.lora_A = nn.Parameter(torch.empty(E, r, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(E, self.out_features, r, **factory))
+        self.lora_A = nn.Parameter(torch.empty(E, r, self.in_features, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.empty(E, self.out_features, r, device=dev, dtype=dt))
         self.reset_lora_parameters(init_lora_weights)
         s = lora_scaling(r, lora_alpha, use_rslora)
         self.register_buffer("scaling", torch.full((E,), s, device=self.weight.device))
@@ -107,9 +115,15 @@ class PersonaMoELinear(nn.Module):
         self.register_buffer("persona_weights", None)
 
     def _set_routing(self, top_k: int, temperature: float, normalize: str) -> None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.num_experts:
+        if (
+            isinstance(top_k, bool)
+            or not isinstance(top_k, int)
+            or not 1 <= top_k <= self.num_experts
+        ):
             raise ValueError(f"top_k: expected an int in 1..{self.num_experts} (E), got {top_k!r}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        if not (
+            isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
+        ):
             raise ValueError(f"temperature: expected a finite float > 0, got {temperature!r}")
         if normalize not in NORMALIZE_MODES:
             raise ValueError(f"normalize: expected one of {NORMALIZE_MODES}, got {normalize!r}")
@@ -176,9 +190,15 @@ class PersonaMoELinear(nn.Module):
 
     def _set_table(self, name: str, table: Tensor | None) -> None:
         if table is not None:
-            if not isinstance(table, Tensor) or table.dim() != 2 or table.shape[1] != self.num_experts:
+            if (
+                not isinstance(table, Tensor)
+                or table.dim() != 2
+                or table.shape[1] != self.num_experts
+            ):
                 got = list(table.shape) if isinstance(table, Tensor) else type(table).__name__
-                raise ValueError(f"{name}: expected a tensor of shape [P, E={self.num_experts}], got {got}")
+                raise ValueError(
+                    f"{name}: expected a tensor of shape [P, E={self.num_experts}], got {got}"
+                )
             table = table.detach().to(device=self.weight.device, dtype=torch.float32)
         setattr(self, name, table)
 
@@ -197,13 +217,36 @@ class PersonaMoELinear(nn.Module):
         ids = persona_ids
         if pb is None and pw is None:
             ids = None  # no table: every token routes freely, the ids have nothing to index
-        check_layer_args(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                         self.top_k, self.temperature, self.normalize, self.calibration, pb,
-                         ids, pw)  # fmt: skip
+        check_layer_args(
+            x,
+            self.weight,
+            self.bias,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            self.top_k,
+            self.temperature,
+            self.normalize,
+            self.calibration,
+            pb,
+            ids,
+            pw,
+        )
         y, idx, gates, n = persona_moe_linear_scores(
-            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.top_k,
-            self.temperature, self.normalize, self.calibration, pb, ids, pw,
-        )  # fmt: skip
+            x,
+            self.weight,
+            self.bias,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            self.top_k,
+            self.temperature,
+            self.normalize,
+            self.calibration,
+            pb,
+            ids,
+            pw,
+        )
         if self.record_routing:
             self.last_routing = (idx, gates)
             self.last_scores = n

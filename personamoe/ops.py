@@ -23,7 +23,7 @@ from personamoe.backends import LayerArgs, resolve_backend
 
 __all__ = ["persona_moe_linear", "persona_moe_linear_op"]
 
-_lib = torch.library.Library("personamoe", "DEF")  # noqa: TOR901 - kept alive for the process
+_lib = torch.library.Library("personamoe", "DEF")
 _lib.define(
     "persona_moe_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
     "Tensor scaling, int top_k, float temperature, str normalize, Tensor? calibration, "
@@ -68,28 +68,78 @@ def _fake(
     )
 
 
-_SAVED = ("x", "weight", "bias", "lora_a", "lora_b", "scaling", "calibration", "persona_bias",
-          "persona_ids", "persona_weights")  # fmt: skip
+_SAVED = (
+    "x",
+    "weight",
+    "bias",
+    "lora_a",
+    "lora_b",
+    "scaling",
+    "calibration",
+    "persona_bias",
+    "persona_ids",
+    "persona_weights",
+)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    (x, weight, bias, lora_a, lora_b, scaling, top_k, temperature, normalize, calibration,
-     persona_bias, persona_ids, persona_weights) = inputs  # fmt: skip
-    ctx.save_for_backward(x, weight, bias, lora_a, lora_b, scaling, calibration, persona_bias,
-                          persona_ids, persona_weights, output[1])  # fmt: skip
+    (
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        scaling,
+        top_k,
+        temperature,
+        normalize,
+        calibration,
+        persona_bias,
+        persona_ids,
+        persona_weights,
+    ) = inputs
+    ctx.save_for_backward(
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        scaling,
+        calibration,
+        persona_bias,
+        persona_ids,
+        persona_weights,
+        output[1],
+    )
     ctx.top_k, ctx.temperature, ctx.normalize = top_k, temperature, normalize
 
 
-def _backward(ctx: Any, grad_y: Tensor, _grad_idx: Tensor | None, grad_gates: Tensor | None,
-              grad_scores: Tensor | None) -> tuple[Tensor | None, ...]:  # fmt: skip
+def _backward(
+    ctx: Any,
+    grad_y: Tensor,
+    _grad_idx: Tensor | None,
+    grad_gates: Tensor | None,
+    grad_scores: Tensor | None,
+) -> tuple[Tensor | None, ...]:
     """Replays the forward in the reference with the forward's top-k fixed, then differentiates.
 
     The choice of experts has no gradient (DESIGN.md §1); the gates' gradient flows through the
     norms into ``h``. Replaying keeps one source of truth for the math until faster backward
     kernels land.
     """
-    (x, weight, bias, lora_a, lora_b, scaling, calibration, persona_bias, persona_ids,
-     persona_weights, topk_idx) = ctx.saved_tensors  # fmt: skip
+    (
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        scaling,
+        calibration,
+        persona_bias,
+        persona_ids,
+        persona_weights,
+        topk_idx,
+    ) = ctx.saved_tensors
     wants = ctx.needs_input_grad
     diff_inputs = {0: x, 1: weight, 2: bias, 3: lora_a, 4: lora_b}
     targets = {i: t for i, t in diff_inputs.items() if t is not None and wants[i]}
@@ -98,9 +148,14 @@ def _backward(ctx: Any, grad_y: Tensor, _grad_idx: Tensor | None, grad_gates: Te
         return tuple(grads)
     with torch.enable_grad():
         leaves = {i: t.detach().requires_grad_(True) for i, t in targets.items()}
-        args = [leaves.get(i, diff_inputs[i]) for i in range(5)]
+        xx, ww, bb, aa, lb = (leaves.get(i, diff_inputs[i]) for i in range(5))
+        assert xx is not None and ww is not None and aa is not None and lb is not None
         y, _, gates, n = reference.persona_moe_linear_full(
-            *args,
+            xx,
+            ww,
+            bb,
+            aa,
+            lb,
             scaling,
             top_k=ctx.top_k,
             temperature=ctx.temperature,
@@ -117,7 +172,7 @@ def _backward(ctx: Any, grad_y: Tensor, _grad_idx: Tensor | None, grad_gates: Te
                 outs.append(out)
                 douts.append(g)
         got = torch.autograd.grad(outs, list(leaves.values()), douts, allow_unused=True)
-    for i, g in zip(leaves, got):
+    for i, g in zip(leaves, got, strict=True):
         grads[i] = g if g is not None else torch.zeros_like(leaves[i])
     return tuple(grads)
 
@@ -133,9 +188,7 @@ persona_moe_linear_op = torch.ops.personamoe.persona_moe_linear
 def _needs_op(tensors: tuple[Tensor | None, ...]) -> bool:
     if torch.compiler.is_compiling():
         return True
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return True
-    return False
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def persona_moe_linear(
@@ -161,12 +214,36 @@ def persona_moe_linear(
     ``x [..., d_in]``; ``persona_ids`` has the leading dims of ``x`` (``-1`` = no persona).
     Returns ``y [..., d_out]`` or ``(y, topk_idx [..., k] int32, topk_gates [..., k] fp32)``.
     """
-    check_layer_args(x, weight, bias, lora_a, lora_b, scaling, top_k, temperature, normalize,
-                     calibration, persona_bias, persona_ids, persona_weights)  # fmt: skip
+    check_layer_args(
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        scaling,
+        top_k,
+        temperature,
+        normalize,
+        calibration,
+        persona_bias,
+        persona_ids,
+        persona_weights,
+    )
     y, idx, gates, _ = persona_moe_linear_scores(
-        x, weight, bias, lora_a, lora_b, scaling, top_k, float(temperature), normalize,
-        calibration, persona_bias, persona_ids, persona_weights,
-    )  # fmt: skip
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        scaling,
+        top_k,
+        float(temperature),
+        normalize,
+        calibration,
+        persona_bias,
+        persona_ids,
+        persona_weights,
+    )
     if return_routing:
         return y, idx, gates
     return y
@@ -191,8 +268,21 @@ def persona_moe_linear_scores(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     ids = persona_ids.reshape(-1) if persona_ids is not None else None
-    args = (x2, weight, bias, lora_a, lora_b, scaling, top_k, temperature, normalize,
-            calibration, persona_bias, ids, persona_weights)  # fmt: skip
+    args = (
+        x2,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        scaling,
+        top_k,
+        temperature,
+        normalize,
+        calibration,
+        persona_bias,
+        ids,
+        persona_weights,
+    )
     if _needs_op((x, weight, bias, lora_a, lora_b)):
         y, idx, gates, n = persona_moe_linear_op(*args)
     else:

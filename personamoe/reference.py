@@ -1,4 +1,4 @@
-"""The contract of ``shared/DESIGN.md`` §1 in plain torch: the ground truth every backend is tested against.
+"""The contract of ``shared/DESIGN.md`` §1 in plain torch: the ground truth of every backend.
 
 Every function here works on any device and dtype and is differentiable. Arithmetic runs in fp32
 (fp64 when the inputs are fp64) and the output is cast back to the dtype of ``x`` once, at the end.
@@ -15,15 +15,15 @@ from torch import Tensor
 
 __all__ = [
     "compute_dtype",
-    "shrink",
-    "scores",
-    "route",
+    "expand",
     "fixed_route",
     "gates_for",
-    "expand",
+    "load_balancing_loss",
     "persona_moe_linear",
     "persona_moe_linear_full",
-    "load_balancing_loss",
+    "route",
+    "scores",
+    "shrink",
 ]
 
 NORMALIZE_MODES = ("topk", "full")

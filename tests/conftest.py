@@ -30,5 +30,7 @@ def _seed_and_backend():
 
     torch.manual_seed(1234)
     previous = backends._current
+    threads = torch.get_num_threads()
     yield
     backends._current = previous
+    torch.set_num_threads(threads)

@@ -77,9 +77,16 @@ class CppBackend(Backend):
         if a.persona_weights is not None:
             # Fixed mode has no ranking to do: the reference path is already the whole work.
             return reference.persona_moe_linear_full(
-                a.x, a.weight, a.bias, a.lora_a, a.lora_b, a.scaling,
-                top_k=a.top_k, persona_ids=a.persona_ids, persona_weights=a.persona_weights,
-            )  # fmt: skip
+                a.x,
+                a.weight,
+                a.bias,
+                a.lora_a,
+                a.lora_b,
+                a.scaling,
+                top_k=a.top_k,
+                persona_ids=a.persona_ids,
+                persona_weights=a.persona_weights,
+            )
         cdt = reference.compute_dtype(a.x.dtype)
         h = reference.shrink(a.x, a.lora_a)
         if cdt == torch.float64:
@@ -98,6 +105,8 @@ class CppBackend(Backend):
                 persona_bias=a.persona_bias,
                 persona_ids=a.persona_ids,
             )
-        y = torch.nn.functional.linear(a.x.to(cdt), a.weight.to(cdt), None if a.bias is None else a.bias.to(cdt))
+        y = torch.nn.functional.linear(
+            a.x.to(cdt), a.weight.to(cdt), None if a.bias is None else a.bias.to(cdt)
+        )
         y = y + reference.expand(h, a.lora_b, a.scaling.to(cdt), idx, gates.to(cdt))
         return y.to(a.x.dtype), idx, gates.float(), n.float()
