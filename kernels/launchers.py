@@ -1,0 +1,105 @@
+"""The Triton backend's whole layer: shrink, route, base and mix, as three to five launches.
+
+Flow (token mode):
+
+1. ``h = shrink(x, A)``: ``[T, E*r]`` fp32 (split-K at small T).
+2. ``route(h)``: scores, top-k, gates and ``coef [T, E]`` (gate * scaling per expert) in one kernel.
+3. base + mix, one of two ways (``BASE_MODE``):
+   - ``"torch"``: ``y = F.linear(x, W, b)`` by cuBLAS, then the mix kernel adds into ``y`` in place
+     (reads and writes ``y`` once more);
+   - ``"fused"``: one Triton GEMM writes ``y = x @ W^T + b + mix`` (the mix as extra K steps, ``y``
+     written once).
+   ``auto`` takes ``fused`` for T >= ``FUSED_MIN_TOKENS`` (large T, where re-reading ``y`` costs
+   most) and ``torch`` below (where cuBLAS's GEMV-like kernels stream ``W`` best).
+4. the mix regime (``MIX_REGIME``): ``dense`` (masked over ``E*r``, experts with zero coefficient
+   in a tile skipped) or ``grouped`` (pairs sorted by expert, then summed in the epilogue).
+   ``auto`` takes ``grouped`` when T > ``DENSE_MAX_TOKENS`` and ``E*r > DENSE_MAX_ER_PER_K * k``.
+   Why: dense costs ``E*r/d_in`` of the base GEMM's FLOPs, grouped costs the pair outputs' bytes,
+   about ``2k * F/BW / d_in`` of the base time (F/BW ~ 200-300 FLOP/byte on H100/H200 bf16), so
+   dense wins while ``E*r < ~2k * F/BW``; below ``DENSE_MAX_TOKENS`` tokens a tile holds every
+   token and the skip already reads only the chosen experts.
+
+The thresholds are module constants (tests and ``benchmarks/gpu_check.py`` set ``MIX_REGIME`` and
+``BASE_MODE`` to force a path); they are functions of shapes only, so each CUDA-graph capture fixes
+one path. Not measured on a GPU yet: ``benchmarks/gpu_check.py`` reports every variant.
+
+fp64 inputs (gradcheck) go to the reference: the kernels are for fp32/fp16/bf16.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from personamoe import reference
+from personamoe.backends.base import LayerArgs, LayerOutputs
+from personamoe.kernels.mix import grouped_expand, linear_mix
+from personamoe.kernels.shrink_route import route, shrink
+
+__all__ = ["BASE_MODE", "MIX_REGIME", "choose_paths", "persona_moe_linear"]
+
+MIX_REGIME = "auto"  # "auto" | "dense" | "grouped"
+BASE_MODE = "auto"  # "auto" | "torch" | "fused"
+DENSE_MAX_TOKENS = 64
+DENSE_MAX_ER_PER_K = 256
+FUSED_MIN_TOKENS = 512
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def choose_paths(T: int, E: int, r: int, k: int, fixed: bool) -> tuple[str, str]:
+    """``(mix regime, base mode)`` for a call: a function of the shapes and the module settings."""
+    regime = MIX_REGIME
+    if regime == "auto":
+        large_bank = E * r > DENSE_MAX_ER_PER_K * k
+        regime = "grouped" if (large_bank and T > DENSE_MAX_TOKENS) else "dense"
+    if fixed:
+        regime = "dense"  # every expert with a non-zero weight is used: no top-k to group by
+    base = BASE_MODE
+    if base == "auto":
+        base = "fused" if T >= FUSED_MIN_TOKENS else "torch"
+    return regime, base
+
+
+def persona_moe_linear(a: LayerArgs) -> LayerOutputs:
+    """The layer of DESIGN.md §1 on 2-D ``x``: ``(y, topk_idx, topk_gates, scores)``."""
+    x = a.x
+    if x.dtype == torch.float64:
+        return reference.persona_moe_linear_full(
+            x, a.weight, a.bias, a.lora_a, a.lora_b, a.scaling,
+            top_k=a.top_k, temperature=a.temperature, normalize=a.normalize,
+            calibration=a.calibration, persona_bias=a.persona_bias, persona_ids=a.persona_ids,
+            persona_weights=a.persona_weights,
+        )  # fmt: skip
+    T = x.shape[0]
+    E, r, _ = a.lora_a.shape
+    d_out = a.weight.shape[0]
+    k = min(a.top_k, E)
+    fixed = a.persona_weights is not None
+    regime, base_mode = choose_paths(T, E, r, k, fixed)
+
+    h = shrink(x, a.lora_a)
+    idx, gates, n, coef = route(
+        h, num_tokens=T, num_experts=E, rank=r, top_k=k, temperature=a.temperature,
+        normalize=a.normalize, scaling=a.scaling, calibration=a.calibration,
+        persona_bias=a.persona_bias, persona_ids=a.persona_ids,
+        persona_weights=a.persona_weights, device=x.device,
+    )  # fmt: skip
+    parts = None
+    if regime == "grouped":
+        parts = grouped_expand(h, idx, gates, a.scaling, a.lora_b, x.dtype)
+    dense_coef = coef if regime == "dense" else None
+    if base_mode == "fused":
+        y = torch.empty(T, d_out, device=x.device, dtype=x.dtype)
+        linear_mix(
+            y, x=x, weight=a.weight, bias=a.bias, base=None, h=h, coef=dense_coef,
+            lora_b=a.lora_b, parts=parts, interpret=_INTERPRET,
+        )  # fmt: skip
+    else:
+        y = torch.nn.functional.linear(x, a.weight, a.bias)
+        linear_mix(
+            y, x=None, weight=None, bias=None, base=y, h=h, coef=dense_coef,
+            lora_b=a.lora_b, parts=parts, interpret=_INTERPRET,
+        )  # fmt: skip
+    return y, idx, gates, n
