@@ -1,0 +1,231 @@
+// Dispatcher and driver of the fused layer: picks the ISA path once, plans the work (which
+// experts' h is needed, the shrink's tiles), and runs shrink -> route -> mix in ONE OpenMP
+// parallel region (two barriers, no second fork). Routing reuses routing.cpp's per-token step.
+#include "layer.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "layer_isa.h"
+#include "routing.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace personamoe {
+namespace {
+
+using detail::Kernels;
+using detail::Work;
+
+// Fewer tokens than this: the mix takes dot products over r per output (no transposed tile).
+// Measured on the dev machine (AVX-512): the tile's transposition pays off from ~4 tokens.
+constexpr int64_t kDirectMaxTokens = 4;
+
+int cpu_level() {
+#if defined(PERSONAMOE_X86_ISA)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512dq");
+  if (avx512) return 2;
+  if (avx2) return 1;
+#endif
+  return 0;
+}
+
+Kernels pick_kernels() {
+  int level = cpu_level();
+  if (const char* env = std::getenv("PERSONAMOE_CPU_ISA")) {
+    int want = level;
+    if (std::strcmp(env, "generic") == 0) want = 0;
+    if (std::strcmp(env, "avx2") == 0) want = 1;
+    if (std::strcmp(env, "avx512") == 0) want = 2;
+    if (want < level) level = want;  // never above what the CPU supports
+  }
+#if defined(PERSONAMOE_X86_ISA)
+  if (level == 2) return detail::kernels_avx512();
+  if (level == 1) return detail::kernels_avx2();
+#endif
+  return detail::kernels_generic();
+}
+
+const Kernels& kernels() {
+  static const Kernels k = pick_kernels();
+  return k;
+}
+
+const float* persona_row(const LayerArgs& a, int64_t t) {
+  if (!a.table || !a.persona_ids) return nullptr;
+  const int64_t p = a.ids_int32 ? static_cast<const int32_t*>(a.persona_ids)[t]
+                                : static_cast<const int64_t*>(a.persona_ids)[t];
+  if (p < 0 || p >= a.P) return nullptr;  // "no persona": never read outside the table
+  return a.table + p * a.E;
+}
+
+int threads_for(int requested, double macs) {
+  // Below ~64K multiply-adds a second thread costs more (wake-up, barriers) than it saves.
+  if (requested < 1) requested = 1;
+  return macs < 65536.0 ? 1 : requested;
+}
+
+void static_range(int64_t n, int tid, int nt, int64_t* begin, int64_t* end) {
+  const int64_t base = n / nt, extra = n % nt;
+  *begin = tid * base + (tid < extra ? tid : extra);
+  *end = *begin + base + (tid < extra ? 1 : 0);
+}
+
+}  // namespace
+
+const char* active_isa() { return kernels().name; }
+
+void layer_forward(const LayerArgs& a) {
+  const Kernels& K = kernels();
+  const int64_t T = a.T, E = a.E, r = a.r, k = a.k, ER = a.E * a.r;
+  if (T <= 0) return;
+  const int64_t kmax = a.fixed ? E : k;
+
+  // Which experts' h is needed: all of them for ranking, only non-zero weights in fixed mode.
+  std::vector<unsigned char> needed(static_cast<size_t>(E), a.fixed ? 0 : 1);
+  if (a.fixed)
+    for (int64_t t = 0; t < T; ++t)
+      if (const float* row = persona_row(a, t))
+        for (int64_t e = 0; e < E; ++e)
+          if (row[e] != 0.0f) needed[e] = 1;
+  std::vector<int64_t> seg_start;
+  std::vector<int32_t> seg_len;
+  for (int64_t e = 0; e < E; ++e)
+    if (needed[e])
+      for (int64_t i = 0; i < r; i += detail::kRowGroup) {
+        seg_start.push_back(e * r + i);
+        seg_len.push_back(static_cast<int32_t>(r - i < detail::kRowGroup ? r - i : detail::kRowGroup));
+      }
+
+  std::unique_ptr<float[]> h(new float[static_cast<size_t>(T * ER)]);
+  std::unique_ptr<int32_t[]> ent_e(new int32_t[static_cast<size_t>(T * kmax)]);
+  std::unique_ptr<float[]> ent_c(new float[static_cast<size_t>(T * kmax)]);
+  std::unique_ptr<int32_t[]> ent_n(new int32_t[static_cast<size_t>(T)]);
+
+  Work w;
+  w.a = &a;
+  w.h = h.get();
+  w.h_stride = ER;
+  w.seg_start = seg_start.data();
+  w.seg_len = seg_len.data();
+  w.nseg = static_cast<int64_t>(seg_start.size());
+  w.ent_e = ent_e.get();
+  w.ent_c = ent_c.get();
+  w.ent_n = ent_n.get();
+  w.kmax = kmax;
+  w.direct = T < kDirectMaxTokens;
+
+  const int64_t n_items = ((T + detail::kTokenGroup - 1) / detail::kTokenGroup) * w.nseg;
+  const int64_t n_blocks = (a.d_out + detail::kOutBlock - 1) / detail::kOutBlock;
+  const double macs = static_cast<double>(T) * (static_cast<double>(w.nseg) * detail::kRowGroup *
+                                                    static_cast<double>(a.d_in) +
+                                                static_cast<double>(kmax * r * a.d_out));
+  const int nt = threads_for(a.num_threads, macs);
+  const size_t scratch_floats =
+      static_cast<size_t>(w.direct ? kmax * r : ER * detail::kOutBlock) + 16;
+  std::unique_ptr<float[]> scratch(new float[scratch_floats * static_cast<size_t>(nt)]);
+  std::unique_ptr<unsigned char[]> used(new unsigned char[static_cast<size_t>(E * nt)]);
+  const float inv_t = 1.0f / a.temperature;
+  const Normalize norm = a.normalize == 1 ? Normalize::Full : Normalize::TopK;
+
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+    const int tid = 0, nth = 1;
+#endif
+    int64_t b0, b1;
+    // 1. shrink: h = x A^T for the needed experts (contiguous item ranges keep A hot in L2).
+    static_range(n_items, tid, nth, &b0, &b1);
+    if (b1 > b0) K.shrink_items(w, b0, b1);
+#pragma omp barrier
+    // 2. route every token: scores, top-k, gates -> (expert, gate * scaling) entries.
+    static_range(T, tid, nth, &b0, &b1);
+    for (int64_t t = b0; t < b1; ++t) {
+      const float* row = persona_row(a, t);
+      float* sc = a.scores + t * E;
+      int32_t* idx = a.topk_idx + t * k;
+      float* g = a.topk_gates + t * k;
+      int32_t* ee = ent_e.get() + t * kmax;
+      float* ec = ent_c.get() + t * kmax;
+      int32_t n = 0;
+      if (a.fixed) {
+        for (int64_t e = 0; e < E; ++e) sc[e] = row ? row[e] : 0.0f;
+        topk_lower_index(sc, E, k, idx);
+        for (int64_t j = 0; j < k; ++j) g[j] = sc[idx[j]];
+        for (int64_t e = 0; e < E; ++e)
+          if (sc[e] != 0.0f) {
+            ee[n] = static_cast<int32_t>(e);
+            ec[n++] = sc[e] * a.scaling[e];
+          }
+      } else {
+        route_token(h.get() + t * ER, E, r, a.calibration, row, k, inv_t, norm, sc, idx, g);
+        for (int64_t j = 0; j < k; ++j)
+          if (g[j] != 0.0f) {
+            ee[n] = idx[j];
+            ec[n++] = g[j] * a.scaling[idx[j]];
+          }
+      }
+      ent_n[t] = n;
+    }
+#pragma omp barrier
+    // 3. mix the chosen experts into y, one block of outputs per work item.
+    static_range(n_blocks, tid, nth, &b0, &b1);
+    float* my_scratch = scratch.get() + scratch_floats * static_cast<size_t>(tid);
+    unsigned char* my_used = used.get() + E * tid;
+    for (int64_t b = b0; b < b1; ++b) K.mix_block(w, b, my_scratch, my_used);
+  }
+}
+
+void shrink_only(DType dtype, const void* x, int64_t x_stride, const void* wts, int64_t T,
+                 int64_t d_in, int64_t rows, float* h, int num_threads) {
+  if (T <= 0 || rows <= 0) return;
+  LayerArgs a;
+  a.T = T;
+  a.d_in = d_in;
+  a.E = 1;
+  a.r = rows;
+  a.dtype = dtype;
+  a.x = x;
+  a.x_stride = x_stride;
+  a.lora_a = wts;
+  std::vector<int64_t> seg_start;
+  std::vector<int32_t> seg_len;
+  for (int64_t i = 0; i < rows; i += detail::kRowGroup) {
+    seg_start.push_back(i);
+    seg_len.push_back(static_cast<int32_t>(rows - i < detail::kRowGroup ? rows - i : detail::kRowGroup));
+  }
+  Work w;
+  w.a = &a;
+  w.h = h;
+  w.h_stride = rows;
+  w.seg_start = seg_start.data();
+  w.seg_len = seg_len.data();
+  w.nseg = static_cast<int64_t>(seg_start.size());
+  const Kernels& K = kernels();
+  const int64_t n_items = ((T + detail::kTokenGroup - 1) / detail::kTokenGroup) * w.nseg;
+  const int nt = num_threads < 1 ? 1 : num_threads;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+    const int tid = 0, nth = 1;
+#endif
+    int64_t b0, b1;
+    static_range(n_items, tid, nth, &b0, &b1);
+    if (b1 > b0) K.shrink_items(w, b0, b1);
+  }
+}
+
+}  // namespace personamoe

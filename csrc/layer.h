@@ -1,0 +1,57 @@
+// The fused persona-MoE layer on CPU (DESIGN.md §1, steps 1-5 minus the base GEMM): shrink over all
+// experts, scores, top-k, gates (or the fixed mode's weights) and the gated mix of the chosen
+// experts, added in place into y. Free of torch and pybind: raw pointers in, raw pointers out.
+//
+// Why the base GEMM x W^T + b is NOT in here (measured on the 2-core dev machine, see
+// benchmarks/README.md): running the base through this file's own micro-kernel (the shrink kernel
+// with W as a bank of one d_out-rank expert) was slower than torch's BLAS (MKL) at T = 16 and
+// T = 256 and only level at T = 1, where the layer is memory-bound on W either way. Keeping it in
+// BLAS and adding into y costs one extra pass over y ([T, d_out], small next to W), so the caller
+// runs torch.nn.functional.linear and then this kernel once.
+#pragma once
+
+#include <cstdint>
+
+namespace personamoe {
+
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+// Everything one call needs. Pointers of the input dtype are void*; the rest is fp32/int.
+struct LayerArgs {
+  int64_t T = 0, d_in = 0, d_out = 0, E = 0, r = 0, k = 0;
+  DType dtype = DType::F32;
+  const void* x = nullptr;  // [T, d_in], row stride x_stride, unit inner stride
+  int64_t x_stride = 0;
+  const void* lora_a = nullptr;  // [E, r, d_in] contiguous
+  const void* lora_b = nullptr;  // [E, d_out, r] contiguous
+  const float* scaling = nullptr;      // [E]
+  const float* calibration = nullptr;  // [E] or nullptr (all ones)
+  const float* table = nullptr;        // [P, E] persona bias (token mode) or weights (fixed mode)
+  int64_t P = 0;
+  const void* persona_ids = nullptr;  // [T] int32 or int64, or nullptr; ids outside [0, P) = none
+  bool ids_int32 = false;
+  bool fixed = false;  // persona_weights mode
+  float temperature = 1.0f;
+  int normalize = 0;  // 0 = "topk", 1 = "full"
+  void* y = nullptr;  // [T, d_out], row stride y_stride; holds the base output, the mix is added
+  int64_t y_stride = 0;
+  int32_t* topk_idx = nullptr;  // [T, k] out
+  float* topk_gates = nullptr;  // [T, k] out
+  float* scores = nullptr;      // [T, E] out (fixed mode: the token's weight row)
+  int num_threads = 1;
+};
+
+// Runs the whole adapter part of the layer. Never reads outside the arrays described above,
+// whatever the values (ids, NaN, -inf) hold.
+void layer_forward(const LayerArgs& args);
+
+// Which vectorised path runs here: "avx512", "avx2" or "generic" (override with the environment
+// variable PERSONAMOE_CPU_ISA=generic|avx2|avx512, never above what the CPU supports).
+const char* active_isa();
+
+// Test hook: the shrink alone, h [T, rows] fp32 = x [T, d_in] @ w[rows, d_in]^T with this file's
+// micro-kernel (used to measure the base GEMM in-kernel against BLAS, and by the C++ tests).
+void shrink_only(DType dtype, const void* x, int64_t x_stride, const void* w, int64_t T,
+                 int64_t d_in, int64_t rows, float* h, int num_threads);
+
+}  // namespace personamoe
