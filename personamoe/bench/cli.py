@@ -1,0 +1,227 @@
+"""``python -m personamoe bench``: every standard case, every provider, side by side in one run.
+
+Prints a table (median and spread per provider, ratio against ``base``, tokens/s for the model
+case), writes ``results.json`` (the machine and every sample) and ``results.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from personamoe.bench import layer as bl
+from personamoe.bench.runner import Result, describe_machine, machine_info, ratio_table
+
+LAYER_CASES = tuple(bl.CASES)
+ALL_CASES = (*LAYER_CASES, "M")
+# Rounds per case: --quick keeps the default run under 3 minutes on a 2-core machine.
+QUICK_ROUNDS = {"L1": 150, "L16": 80, "L256": 20, "M": 2}
+FULL_ROUNDS = {"L1": 400, "L16": 200, "L256": 40, "M": 5}
+QUICK_NEW_TOKENS = 8
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cases",
+        default=",".join(ALL_CASES),
+        help=f"comma-separated cases from {','.join(ALL_CASES)} (default: all)",
+    )
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="default: float32 on CPU, bfloat16 on CUDA (DESIGN.md §3)",
+    )
+    p.add_argument(
+        "--providers",
+        default=None,
+        help="comma-separated providers (default: all of each case; base always runs)",
+    )
+    p.add_argument("--repeats", type=int, default=0, help="timed rounds per case (0: by mode)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--quick",
+        dest="quick",
+        action="store_true",
+        default=True,
+        help=f"(default) fewer rounds; model case generates {QUICK_NEW_TOKENS} tokens",
+    )
+    mode.add_argument(
+        "--full",
+        dest="quick",
+        action="store_false",
+        help="DESIGN.md's full settings (model case: 32 new tokens)",
+    )
+    p.add_argument("--out", default="bench-results", help="folder for results.json and results.png")
+    p.add_argument(
+        "--rotate-mib",
+        type=int,
+        default=0,
+        help="layer weight bytes rotated per case (0: 256 MiB quick, 640 MiB full)",
+    )
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _split(s: str | None) -> list[str] | None:
+    return [p.strip() for p in s.split(",") if p.strip()] if s else None
+
+
+def run_layer_case(name: str, args: argparse.Namespace, dtype: torch.dtype) -> list[Result]:
+    import dataclasses
+
+    case = dataclasses.replace(bl.CASES[name], dtype=dtype)
+    wanted = _split(args.providers)
+    providers = [p for p in bl.PROVIDERS if wanted is None or p in wanted or p == "base"]
+    unknown = set(wanted or []) - set(bl.PROVIDERS) - {"peft_lora", "peft_mixed", "xlora"}
+    if unknown:
+        raise SystemExit(
+            f"--providers: unknown {sorted(unknown)}; layer providers: {list(bl.PROVIDERS)}"
+        )
+    rotate = (args.rotate_mib or (256 if args.quick else 640)) << 20
+    n_sets = bl.sets_for_bytes(case, rotate)
+    _log(
+        f"{name}: {n_sets} weight sets ({n_sets * case.set_bytes() >> 20} MiB rotated), "
+        f"providers {', '.join(providers)}"
+    )
+    sets = bl.make_weight_sets(case, n_sets)
+    if args.device == "cuda":
+        sets = [bl.WeightSet(*(t.cuda() for t in dataclasses.astuple(w))) for w in sets]
+    x = bl.make_input(case).to(args.device)
+    rounds = args.repeats or (QUICK_ROUNDS if args.quick else FULL_ROUNDS)[name]
+    samples = bl.measure(case, providers, sets, rounds=rounds, x=x)
+    return [Result(name, p, s) for p, s in samples.items()]
+
+
+def run_model_case(args: argparse.Namespace, dtype: torch.dtype) -> list[Result]:
+    import dataclasses
+
+    from personamoe.bench.model import MODEL_PROVIDERS, M, ModelBench
+    from personamoe.bench.runner import time_interleaved
+
+    case = dataclasses.replace(M, new_tokens=QUICK_NEW_TOKENS) if args.quick else M
+    wanted = _split(args.providers)
+    providers = [p for p in MODEL_PROVIDERS if wanted is None or p in wanted or p == "base"]
+    _log(f"M: building the model (random weights) and {case.num_experts} PEFT adapters")
+    bench = ModelBench(case, dtype=dtype, device=args.device)
+    try:
+        fns = {}
+        for p in providers:
+            _log(f"M: preparing {p}")
+            fns[p] = bench.provider(p)
+        rounds = args.repeats or (QUICK_ROUNDS if args.quick else FULL_ROUNDS)["M"]
+        _log(
+            f"M: batch {case.batch}, prompt {case.prompt_len}, {case.new_tokens} new tokens, "
+            f"{rounds} rounds"
+        )
+        results = time_interleaved(
+            "M", fns, repeats=rounds, warmup=1, device=args.device, progress=_log
+        )
+    finally:
+        bench.close()
+    for r in results.values():
+        r.work = bench.tokens_per_call
+        r.note = bench.notes.get(r.provider, "")
+    return list(results.values())
+
+
+def target_lines(results: list[Result]) -> list[str]:
+    """The figures that count (DESIGN.md §3): personamoe / base, and its overhead against the
+    smallest overhead of the other providers of the same case."""
+    out = []
+    cases = dict.fromkeys(r.case for r in results)
+    for case in cases:
+        rs = {r.provider: r for r in results if r.case == case}
+        if "base" not in rs or "personamoe" not in rs:
+            continue
+        base, pm = rs["base"].median, rs["personamoe"].median
+        others = {
+            p: r.median - base
+            for p, r in rs.items()
+            if p not in ("base", "personamoe", "reference")
+        }
+        line = f"{case}: personamoe / base = {pm / base:.3f}"
+        if others:
+            best = min(others, key=lambda p: others[p])
+            line += (
+                f"; overhead {(pm - base) * 1e3:.3f} ms vs smallest other {best} "
+                f"{others[best] * 1e3:.3f} ms"
+            )
+        out.append(line)
+    return out
+
+
+def plot(results: list[Result], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _log("matplotlib is not installed: no plot (pip install 'personamoe[bench]')")
+        return False
+    cases = list(dict.fromkeys(r.case for r in results))
+    fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 3.5), squeeze=False)
+    for ax, case in zip(axes[0], cases, strict=True):
+        rs = [r for r in results if r.case == case]
+        base = next((r.median for r in rs if r.provider == "base"), None)
+        vals = [r.median / base if base else r.median for r in rs]
+        colors = ["tab:green" if r.provider == "personamoe" else "tab:gray" for r in rs]
+        ax.bar([r.provider for r in rs], vals, color=colors)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_title(case)
+        ax.set_ylabel("time / base (median)")
+        ax.set_yscale("log")
+        ax.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(args: argparse.Namespace) -> int:
+    cases = _split(args.cases) or list(ALL_CASES)
+    bad = [c for c in cases if c not in ALL_CASES]
+    if bad:
+        raise SystemExit(f"--cases: expected some of {','.join(ALL_CASES)}, got {','.join(bad)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch here")
+    dtype_name = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    dtype = getattr(torch, dtype_name)
+    info = machine_info()
+    print(f"machine: {describe_machine(info)}")
+    print(f"mode: {'quick' if args.quick else 'full'}, dtype {dtype_name}, device {args.device}")
+    t0 = time.time()
+    results: list[Result] = []
+    for c in cases:
+        results += run_model_case(args, dtype) if c == "M" else run_layer_case(c, args, dtype)
+    print()
+    print(ratio_table(results))
+    print()
+    for line in target_lines(results):
+        print(line)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {
+        "machine": info,
+        "mode": "quick" if args.quick else "full",
+        "dtype": dtype_name,
+        "device": args.device,
+        "command": " ".join(sys.argv),
+        "seconds": time.time() - t0,
+        "results": [r.as_dict() for r in results],
+    }
+    (out / "results.json").write_text(json.dumps(payload, indent=2))
+    wrote_png = plot(results, out / "results.png")
+    print(f"\nwrote {out / 'results.json'}" + (f" and {out / 'results.png'}" if wrote_png else ""))
+    print(f"total {time.time() - t0:.0f} s")
+    return 0

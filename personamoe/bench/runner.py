@@ -1,0 +1,159 @@
+"""Interleaved timing and machine facts, shared by every benchmark (layer and model cases).
+
+Providers run interleaved (A B C, A B C, ...) so that drift on a noisy machine lands on all of them
+alike; results are medians and ratios against ``base`` measured in the same run, never lone times.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Result:
+    """Every sample of one provider in one case (seconds per call)."""
+
+    case: str
+    provider: str
+    samples: list[float] = field(default_factory=list)
+    note: str = ""
+    work: float = 0.0  # tokens per call, for throughput (0 = not a throughput case)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples) if self.samples else float("nan")
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        """The 25th and 75th percentiles."""
+        if len(self.samples) < 2:
+            return self.median, self.median
+        q = statistics.quantiles(self.samples, n=4)
+        return q[0], q[2]
+
+    def as_dict(self) -> dict[str, Any]:
+        lo, hi = self.spread
+        out = {
+            "case": self.case,
+            "provider": self.provider,
+            "median_s": self.median,
+            "p25_s": lo,
+            "p75_s": hi,
+            "samples_s": self.samples,
+            "note": self.note,
+        }
+        if self.work:
+            out["tokens_per_s"] = self.work / self.median
+        return out
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_interleaved(
+    case: str,
+    fns: dict[str, Callable[[], object]],
+    *,
+    repeats: int,
+    warmup: int = 1,
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Result]:
+    """Time every provider ``repeats`` times, interleaved; ``warmup`` untimed rounds first."""
+    results = {name: Result(case, name) for name in fns}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        _sync(device)
+        for i in range(repeats):
+            # Rotate the start each round so no provider always runs right after the same one.
+            names = list(fns)
+            names = names[i % len(names) :] + names[: i % len(names)]
+            for name in names:
+                _sync(device)
+                t0 = time.perf_counter()
+                fns[name]()
+                _sync(device)
+                results[name].samples.append(time.perf_counter() - t0)
+            if progress is not None:
+                progress(f"{case}: round {i + 1}/{repeats}")
+    return results
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on: CPU, cores, threads, library versions, GPU."""
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    for mod in ("triton", "transformers", "peft"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # not installed, or fails to import here: report, don't fail
+            info[mod] = None
+    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return info
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ", no GPU"
+    return (
+        f"{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads){gpu}; "
+        f"torch {info['torch']}, triton {info['triton']}, transformers {info['transformers']}, "
+        f"peft {info['peft']}, Python {info['python']}"
+    )
+
+
+def ratio_table(results: list[Result], base: str = "base") -> str:
+    """A markdown table: median, spread, ratio to ``base`` and overhead over it, per case."""
+    lines = [
+        "| case | provider | median | p25-p75 | / base | overhead | tokens/s | note |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    by_case: dict[str, list[Result]] = {}
+    for r in results:
+        by_case.setdefault(r.case, []).append(r)
+    for case, rs in by_case.items():
+        b = next((r for r in rs if r.provider == base), None)
+        for r in rs:
+            lo, hi = r.spread
+            ratio = f"{r.median / b.median:.3f}" if b else "-"
+            over = f"{(r.median - b.median) * 1e3:+.3f} ms" if b else "-"
+            tps = f"{r.work / r.median:,.1f}" if r.work else "-"
+            lines.append(
+                f"| {case} | {r.provider} | {_fmt(r.median)} | {_fmt(lo)}-{_fmt(hi)} | {ratio} "
+                f"| {over} | {tps} | {r.note} |"
+            )
+    return "\n".join(lines)
+
+
+def _fmt(seconds: float) -> str:
+    if seconds >= 1.0:
+        return f"{seconds:.3f} s"
+    return f"{seconds * 1e3:.3f} ms"
