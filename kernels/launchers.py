@@ -31,11 +31,11 @@ from __future__ import annotations
 import os
 
 import torch
+from personamoe.kernels.mix import grouped_expand, linear_mix
+from personamoe.kernels.shrink_route import route, shrink
 
 from personamoe import reference
 from personamoe.backends.base import LayerArgs, LayerOutputs
-from personamoe.kernels.mix import grouped_expand, linear_mix
-from personamoe.kernels.shrink_route import route, shrink
 
 __all__ = ["BASE_MODE", "MIX_REGIME", "choose_paths", "persona_moe_linear"]
 

@@ -141,7 +141,7 @@ def _route_kernel(
     offs_e = tl.arange(0, BLOCK_E)
     e_mask = offs_e < E
     if HAS_TABLE:
-        pid = tl.load(ids_ptr + t).to(tl.int64)
+        pid = tl.load(ids_ptr + t + offs_e * 0).to(tl.int64)  # the id, broadcast over experts
         valid = (pid >= 0) & (pid < P)
         row = tl.where(valid, pid, 0)
         trow = tl.load(table_ptr + row * E + offs_e, mask=e_mask & valid, other=0.0).to(tl.float32)
