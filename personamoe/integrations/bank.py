@@ -1,0 +1,144 @@
+"""A whole persona bank on disk (:func:`save_bank` / :func:`load_bank`) and one expert back out as a
+plain PEFT adapter (:func:`export_expert`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from personamoe.adapters import write_adapter
+from personamoe.integrations.hf import install_layers, merge
+from personamoe.integrations.layers import PersonaConv1DLayer, persona_layers
+from personamoe.personas import Persona, PersonaState, refresh, state_of
+
+__all__ = ["export_expert", "load_bank", "save_bank"]
+
+BANK_CONFIG = "personamoe_bank.json"
+BANK_WEIGHTS = "personamoe_bank.safetensors"
+_FORMAT = "personamoe-bank/1"
+_TENSORS = ("lora_A", "lora_B", "scaling", "calibration", "pm_available", "pm_rank")
+
+
+def _model_name(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    name = getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return str(name) if name else None
+
+
+def save_bank(model: nn.Module, path: str | Path) -> Path:
+    """Write the bank of an injected model (every layer's experts, the routing options, the
+    registered personas) to the folder ``path``; :func:`load_bank` reads it back."""
+    from safetensors.torch import save_file
+
+    st = state_of(model)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    for name, layer in persona_layers(model):
+        if layer.pm_merged:
+            raise ValueError("save_bank: the model is merged; call personamoe.unmerge first")
+        layers[name] = {"rank": layer.rank, "conv1d": isinstance(layer, PersonaConv1DLayer),
+                        "calibrated": layer.pm_calibrated}  # fmt: skip
+        for t in _TENSORS:
+            tensors[f"{name}.{t}"] = getattr(layer, t).detach().to("cpu").contiguous()
+    save_file(tensors, str(path / BANK_WEIGHTS), metadata={"format": _FORMAT})
+    meta = {
+        "format": _FORMAT,
+        "experts": list(st.experts),
+        "routing": st.routing if st.routing != "merged" else "token",
+        "options": st.options,
+        "default_weights": {
+            e: float(w) for e, w in zip(st.experts, st.default_weights, strict=True)
+        },
+        "personas": [p.to_dict() for p in st.registered.values()],
+        "adapter_configs": st.configs,
+        "base_model_name_or_path": _model_name(model),
+        "layers": layers,
+    }
+    (path / BANK_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def load_bank(model: nn.Module, path: str | Path, *, freeze_base: bool = True) -> nn.Module:
+    """Inject the bank saved by :func:`save_bank` into the base ``model`` (in place; returned)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file, w_file = path / BANK_CONFIG, path / BANK_WEIGHTS
+    if not cfg_file.is_file() or not w_file.is_file():
+        raise FileNotFoundError(f"{path}: expected {BANK_CONFIG} and {BANK_WEIGHTS} (save_bank)")
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("format") != _FORMAT:
+        raise ValueError(
+            f"{cfg_file}: key 'format': expected {_FORMAT!r}, got {meta.get('format')!r}"
+        )
+    if any(True for _ in persona_layers(model)):
+        raise ValueError("model: personamoe.inject was already applied to this model")
+    tensors = load_file(str(w_file))
+    opts = meta["options"]
+    state = PersonaState(meta["experts"], meta["routing"], meta["default_weights"])
+    state.options = dict(opts)
+    state.configs = dict(meta.get("adapter_configs") or {})
+    names = {n for n, _ in model.named_modules()}
+    for name in meta["layers"]:
+        if name not in names:
+            raise ValueError(
+                f"{w_file}: key {name + '.lora_A'!r}: the model has no module {name!r}"
+            )
+    ranks = {name: int(info["rank"]) for name, info in meta["layers"].items()}
+    layers = install_layers(model, state, ranks, top_k=opts["top_k"],
+                            temperature=opts["temperature"], normalize=opts["normalize"])  # fmt: skip
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for t in _TENSORS:
+                key = f"{name}.{t}"
+                if key not in tensors:
+                    raise ValueError(f"{w_file}: missing key {key!r}")
+                dst = getattr(layer, t)
+                if tuple(tensors[key].shape) != tuple(dst.shape):
+                    raise ValueError(
+                        f"{w_file}: key {key!r}: expected shape {list(dst.shape)} (the model's "
+                        f"layer), got {list(tensors[key].shape)}"
+                    )
+                dst.copy_(tensors[key])
+            layer.pm_calibrated = bool(meta["layers"][name].get("calibrated", False))
+    if freeze_base:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for layer in layers.values():
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    for d in meta.get("personas") or []:
+        persona = Persona.from_dict(d)
+        state.check(persona)
+        state.registered[persona.name] = persona
+    refresh(model)
+    if meta["routing"] == "merged":
+        merge(model, state.default_weights)
+    return model
+
+
+def export_expert(model: nn.Module, name: str, path: str | Path) -> Path:
+    """Write expert ``name`` of an injected model as a plain PEFT LoRA adapter folder (its own rank
+    per layer, exact scaling via ``alpha_pattern``), loadable by ``PeftModel.from_pretrained``."""
+    st = state_of(model)
+    e = st.expert_index(name, "name")
+    modules: dict[str, tuple[Tensor, Tensor, float]] = {}
+    conv1d = False
+    for lname, layer in persona_layers(model):
+        if not bool(layer.pm_available[e]):
+            continue
+        r = int(layer.pm_rank[e])
+        a = layer.lora_A[e, :r].detach()
+        b = layer.lora_B[e, :, :r].detach()
+        modules[lname] = (a, b, float(layer.scaling[e]))
+        conv1d = conv1d or isinstance(layer, PersonaConv1DLayer)
+    if not modules:
+        raise ValueError(f"name: expert {name!r} targets no layer of this model")
+    return write_adapter(path, modules, base_config=st.configs.get(name), fan_in_fan_out=conv1d,
+                         base_model_name_or_path=_model_name(model))  # fmt: skip
