@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import traceback
+from typing import Any
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ def _case(seed: int, dtype: torch.dtype, r: int) -> dict[str, torch.Tensor]:
     }
 
 
-OPTIONS = [
+OPTIONS: list[dict[str, Any]] = [
     {"top_k": 2, "normalize": "topk", "temperature": 1.0},
     {"top_k": 2, "normalize": "full", "temperature": 0.7, "calibration": True},
     {"top_k": 1, "normalize": "topk", "temperature": 1.0, "persona_bias": True},
@@ -51,8 +52,8 @@ OPTIONS = [
 ]
 
 
-def _kwargs(c: dict[str, torch.Tensor], opt: dict[str, object]) -> dict[str, object]:
-    kw: dict[str, object] = {
+def _kwargs(c: dict[str, torch.Tensor], opt: dict[str, Any]) -> dict[str, Any]:
+    kw: dict[str, Any] = {
         "top_k": opt["top_k"],
         "normalize": opt["normalize"],
         "temperature": opt["temperature"],
@@ -94,38 +95,38 @@ def _same_on_all_ranks(t: torch.Tensor) -> None:
 
 
 def _check_rank(rank: int, dtype: torch.dtype, r: int) -> None:
-    tol = {"atol": 1e-10, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 1e-4, "rtol": 1e-4}
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
     for seed, opt in enumerate(OPTIONS):
         c = _case(seed, dtype, r)
         kw = _kwargs(c, opt)
         want, want_idx, _ = reference.persona_moe_linear(
             c["x"], c["w"], c["b"], c["a"], c["lb"], c["s"], return_routing=True, **kw
-        )  # type: ignore[arg-type, misc]
+        )
 
         # Column-parallel: each rank's output rows; gathered they are the whole layer.
         col = tp.shard_column(c["w"], c["b"], c["a"], c["lb"], rank, WORLD)
-        y_col = tp.column_parallel_forward(c["x"], col, c["s"], **kw)  # type: ignore[arg-type]
+        y_col = tp.column_parallel_forward(c["x"], col, c["s"], **kw)
         parts = [torch.empty_like(y_col) for _ in range(WORLD)]
         dist.all_gather(parts, y_col.contiguous())
-        torch.testing.assert_close(torch.cat(parts, dim=-1), want, **tol)
+        torch.testing.assert_close(torch.cat(parts, dim=-1), want, atol=tol, rtol=tol)
 
         # Fused column layer (two parts of 6 and 4 rows, e.g. q and kv), each part split apart.
         fused = tp.shard_column(c["w"], c["b"], c["a"], c["lb"], rank, WORLD, parts=(6, 4))
-        y_f = tp.column_parallel_forward(c["x"], fused, c["s"], **kw)  # type: ignore[arg-type]
+        y_f = tp.column_parallel_forward(c["x"], fused, c["s"], **kw)
         got = [torch.empty_like(y_f) for _ in range(WORLD)]
         dist.all_gather(got, y_f.contiguous())
         rows = [torch.cat([g[:, :3] for g in got], -1), torch.cat([g[:, 3:] for g in got], -1)]
-        torch.testing.assert_close(torch.cat(rows, dim=-1), want, **tol)
+        torch.testing.assert_close(torch.cat(rows, dim=-1), want, atol=tol, rtol=tol)
 
         # Row-parallel: x sharded by columns; h all-reduced; partial outputs all-reduced.
         row = tp.shard_row(c["w"], c["b"], c["a"], c["lb"], rank, WORLD)
         cols = tp.split_range(c["x"].shape[-1], rank, WORLD)
         y_row, idx, _ = tp.row_parallel_forward(
             c["x"][:, cols], row, c["s"], rank=rank, world_size=WORLD, all_reduce=_all_reduce,
-            **kw,  # type: ignore[arg-type]
+            **kw,
         )  # fmt: skip
         dist.all_reduce(y_row)
-        torch.testing.assert_close(y_row, want, **tol)
+        torch.testing.assert_close(y_row, want, atol=tol, rtol=tol)
         _same_on_all_ranks(idx)
         if "persona_weights" not in kw:
             assert torch.equal(idx, want_idx)
