@@ -1,6 +1,7 @@
 """The ``cuda`` backend: the compiled decode kernel of ``personamoe._C_cuda`` (T <= 16).
 
-Larger token counts go to the Triton backend. Unavailable when the extension was not built
+``auto`` gives it the calls the kernel covers (``cuda_launch.covers``: T <= 16, E <= 64, r <= 64,
+fp32/fp16/bf16); named explicitly, it sends the rest to the Triton backend. Unavailable when the extension was not built
 (no nvcc at build time, or ``PERSONAMOE_CUDA=OFF``) or when no GPU is present.
 """
 
@@ -34,7 +35,11 @@ class CudaBackend(Backend):
         return _cuda_status()
 
     def accepts(self, args: LayerArgs | None) -> bool:
-        return args is None or args.x.shape[0] <= DECODE_MAX_TOKENS
+        if args is None:
+            return True
+        from personamoe.backends import cuda_launch
+
+        return cuda_launch.covers(args)
 
     def forward(self, args: LayerArgs) -> LayerOutputs:
         from personamoe.backends import cuda_launch

@@ -1,0 +1,369 @@
+// Decode kernel: shrink, route and mix of one persona-MoE layer in one launch (T <= 16).
+//
+// The base output x @ W^T + b is computed beside it (cuBLAS through torch) and passed in `y`; this
+// kernel adds the adapters' term in place. One grid of S + M blocks, roles taken by ticket (an
+// atomic counter read at block start, as in decoupled look-back scans) rather than by blockIdx:
+//   tickets [0, S):   shrink. Block s computes rows [4s, 4s+4) of h = x @ A^T for all T tokens
+//                     (fp32 accumulate) into a workspace. The last shrink block to finish (a second
+//                     counter) routes every token: norms, calibration, persona bias (ids outside
+//                     [0, P) = no persona, never read), top-k with ties to the lower index, gates;
+//                     writes the op's outputs, coef = gate * scaling per (token, expert) and the
+//                     set of used experts, then raises a flag.
+//   tickets [S, S+M): mix. Block m waits for the flag, then computes outputs [32m, 32m+32) of
+//                     sum_e coef[t,e] * (B_e @ h_te) over the used experts only (its 8 warps split
+//                     the experts, lanes the outputs) and adds them into y.
+// A block that waits holds a ticket later than every shrink ticket, so every shrink block is
+// already running: no deadlock whatever the scheduler does. The last block to exit resets the
+// counters, so the next launch (or graph replay) finds them zero. No host sync anywhere.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "decode.h"
+
+namespace personamoe_cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kRows = 4;   // rows of A per shrink block
+constexpr int kNOut = 32;  // outputs per mix block (one per lane)
+constexpr int kSmemFloats = kWarps * kMaxTokens * kMaxRank;  // 8192 floats = 32 KiB
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Load V consecutive elements as floats; V > 1 means one 16-byte load (alignment checked on host).
+template <typename T, int V>
+__device__ __forceinline__ void load_vec(const T* p, float (&out)[V]) {
+  if constexpr (V == 1) {
+    out[0] = to_f(p[0]);
+  } else {
+    static_assert(V * sizeof(T) == 16, "16-byte vectors");
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < V; ++i) out[i] = to_f(e[i]);
+  }
+}
+
+// Any float dtype code (kF32/kF16/kBF16/kF64) or id code (kI32/kI64) read as float / int64.
+__device__ __forceinline__ float load_any_f(const void* p, int code, int64_t i) {
+  switch (code) {
+    case kF16: return __half2float(static_cast<const __half*>(p)[i]);
+    case kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case kF64: return static_cast<float>(static_cast<const double*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+__device__ __forceinline__ int64_t load_id(const void* p, int code, int64_t i) {
+  return code == kI32 ? static_cast<int64_t>(static_cast<const int32_t*>(p)[i])
+                      : static_cast<const int64_t*>(p)[i];
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename T, int V>
+__device__ void shrink_rows(const DecodeParams& p, int block, float* smem) {
+  const int rows = p.E * p.r;
+  const int row0 = block * kRows;
+  const T* a = static_cast<const T*>(p.a);
+  const T* x = static_cast<const T*>(p.x);
+  float acc[kRows][kMaxTokens];
+#pragma unroll
+  for (int rr = 0; rr < kRows; ++rr)
+#pragma unroll
+    for (int t = 0; t < kMaxTokens; ++t) acc[rr][t] = 0.f;
+  const int nvec = p.d_in / V;
+  for (int v = threadIdx.x; v < nvec; v += kThreads) {
+    float av[kRows][V];
+#pragma unroll
+    for (int rr = 0; rr < kRows; ++rr) {
+      const int row = min(row0 + rr, rows - 1);  // rows past the end are computed, not stored
+      load_vec<T, V>(a + static_cast<int64_t>(row) * p.d_in + static_cast<int64_t>(v) * V, av[rr]);
+    }
+#pragma unroll
+    for (int t = 0; t < kMaxTokens; ++t) {
+      if (t < p.T) {
+        float xv[V];
+        load_vec<T, V>(x + t * p.x_stride + static_cast<int64_t>(v) * V, xv);
+#pragma unroll
+        for (int rr = 0; rr < kRows; ++rr) {
+          float s = 0.f;
+#pragma unroll
+          for (int i = 0; i < V; ++i) s = fmaf(av[rr][i], xv[i], s);
+          acc[rr][t] += s;
+        }
+      }
+    }
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int rr = 0; rr < kRows; ++rr)
+#pragma unroll
+    for (int t = 0; t < kMaxTokens; ++t) {
+      const float s = warp_sum(acc[rr][t]);
+      if (lane == 0) smem[(warp * kRows + rr) * kMaxTokens + t] = s;
+    }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kRows * p.T; i += kThreads) {
+    const int rr = i / p.T, t = i % p.T;
+    const int row = row0 + rr;
+    if (row < rows) {
+      float s = 0.f;
+      for (int w = 0; w < kWarps; ++w) s += smem[(w * kRows + rr) * kMaxTokens + t];
+      p.h_ws[static_cast<int64_t>(t) * rows + row] = s;
+    }
+  }
+}
+
+// Scores, top-k and gates of every token, by one block (h read through L2: other blocks wrote it).
+__device__ void route_all(const DecodeParams& p, float* smem) {
+  const int E = p.E, r = p.r, T = p.T, k = p.k;
+  const int rows = E * r;
+  float* sc = smem;  // [T, E]
+  __shared__ unsigned long long used_mask;
+  if (threadIdx.x == 0) used_mask = 0ull;
+  for (int i = threadIdx.x; i < T * E; i += kThreads) {
+    const int t = i / E, e = i % E;
+    float tab = 0.f;
+    if (p.table != nullptr && p.ids != nullptr) {
+      const int64_t id = load_id(p.ids, p.ids_dtype, t);
+      if (id >= 0 && id < p.P) tab = load_any_f(p.table, p.table_dtype, id * E + e);
+    }
+    float n;
+    if (p.fixed) {
+      n = tab;
+    } else {
+      float ss = 0.f;
+      const float* hp = p.h_ws + static_cast<int64_t>(t) * rows + e * r;
+      for (int j = 0; j < r; ++j) {
+        const float v = __ldcg(hp + j);
+        ss = fmaf(v, v, ss);
+      }
+      n = sqrtf(ss);
+      if (p.calibration != nullptr) n = n / load_any_f(p.calibration, p.calibration_dtype, e);
+      n += tab;
+    }
+    sc[i] = n;
+    p.scores[i] = n;
+  }
+  __syncthreads();
+  if (threadIdx.x < T) {
+    const int t = threadIdx.x;
+    const float* n = sc + t * E;
+    const float inv_tau = 1.f / p.temperature;
+    unsigned long long taken = 0ull, used = 0ull;
+    int sel[kMaxExperts];
+    float val[kMaxExperts];
+    for (int j = 0; j < k; ++j) {
+      int best = -1;
+      for (int e = 0; e < E; ++e) {
+        if (taken >> e & 1ull) continue;
+        if (best < 0 || n[e] > n[best]) best = e;  // strict: ties keep the lower index
+      }
+      taken |= 1ull << best;
+      sel[j] = best;
+      val[j] = n[best];
+    }
+    float* coef = p.coef_ws + static_cast<int64_t>(t) * E;
+    for (int e = 0; e < E; ++e) coef[e] = 0.f;
+    if (p.fixed) {
+      for (int j = 0; j < k; ++j) {
+        p.topk_idx[t * k + j] = sel[j];
+        p.topk_gates[t * k + j] = val[j];
+      }
+      for (int e = 0; e < E; ++e) {
+        const float c = n[e] * load_any_f(p.scaling, p.scaling_dtype, e);
+        coef[e] = c;
+        if (c != 0.f) used |= 1ull << e;
+      }
+    } else {
+      const float ninf = -INFINITY;
+      float m = ninf, den = 0.f;
+      if (p.normalize == 1) {  // full: softmax over every allowed expert, not renormalised
+        for (int e = 0; e < E; ++e)
+          if (n[e] != ninf) m = fmaxf(m, n[e] * inv_tau);
+        if (m == ninf) m = 0.f;
+        for (int e = 0; e < E; ++e)
+          if (n[e] != ninf) den += expf(n[e] * inv_tau - m);
+      } else {  // topk: softmax over the chosen allowed experts
+        for (int j = 0; j < k; ++j)
+          if (val[j] != ninf) m = fmaxf(m, val[j] * inv_tau);
+        if (m == ninf) m = 0.f;
+        for (int j = 0; j < k; ++j)
+          if (val[j] != ninf) den += expf(val[j] * inv_tau - m);
+      }
+      if (den == 0.f) den = 1.f;
+      for (int j = 0; j < k; ++j) {
+        const float g = val[j] != ninf ? expf(val[j] * inv_tau - m) / den : 0.f;
+        p.topk_idx[t * k + j] = sel[j];
+        p.topk_gates[t * k + j] = g;
+        const float c = g * load_any_f(p.scaling, p.scaling_dtype, sel[j]);
+        coef[sel[j]] += c;
+        if (c != 0.f) used |= 1ull << sel[j];  // NaN != 0: a NaN token keeps its experts
+      }
+    }
+    atomicOr(&used_mask, used);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int u = 0;
+    for (int e = 0; e < E; ++e)
+      if (used_mask >> e & 1ull) p.used_ws[1 + u++] = e;
+    p.used_ws[0] = u;
+  }
+}
+
+template <typename T, int V>
+__device__ void mix_outputs(const DecodeParams& p, int block, float* smem) {
+  const int E = p.E, r = p.r, Tn = p.T;
+  const int rows = E * r;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int n = block * kNOut + lane;
+  const bool valid = n < p.d_out;
+  const T* b = static_cast<const T*>(p.b);
+  float* hs = smem + warp * kMaxTokens * kMaxRank;  // this warp's coef * h of one expert
+  float acc[kMaxTokens];
+#pragma unroll
+  for (int t = 0; t < kMaxTokens; ++t) acc[t] = 0.f;
+  const int used = __ldcg(p.used_ws);
+  for (int u = warp; u < used; u += kWarps) {
+    const int e = __ldcg(p.used_ws + 1 + u);
+    for (int i = lane; i < Tn * r; i += 32) {
+      const int t = i / r, j = i % r;
+      hs[t * kMaxRank + j] = __ldcg(p.coef_ws + static_cast<int64_t>(t) * E + e) *
+                             __ldcg(p.h_ws + static_cast<int64_t>(t) * rows + e * r + j);
+    }
+    __syncwarp();
+    if (valid) {
+      const T* brow = b + (static_cast<int64_t>(e) * p.d_out + n) * r;
+      for (int j0 = 0; j0 < r; j0 += V) {
+        float bv[V];
+        load_vec<T, V>(brow + j0, bv);
+#pragma unroll
+        for (int t = 0; t < kMaxTokens; ++t) {
+          if (t < Tn) {
+#pragma unroll
+            for (int i = 0; i < V; ++i) acc[t] = fmaf(bv[i], hs[t * kMaxRank + j0 + i], acc[t]);
+          }
+        }
+      }
+    }
+    __syncwarp();
+  }
+  __syncthreads();
+  float* red = smem;  // [warps, T, 32], reusing the staging tiles
+#pragma unroll
+  for (int t = 0; t < kMaxTokens; ++t)
+    if (t < Tn) red[(warp * kMaxTokens + t) * 32 + lane] = acc[t];
+  __syncthreads();
+  T* y = static_cast<T*>(p.y);
+  for (int i = threadIdx.x; i < Tn * kNOut; i += kThreads) {
+    const int t = i / kNOut, l = i % kNOut;
+    const int nn = block * kNOut + l;
+    if (nn < p.d_out) {
+      float s = 0.f;
+      for (int w = 0; w < kWarps; ++w) s += red[(w * kMaxTokens + t) * 32 + l];
+      const int64_t o = static_cast<int64_t>(t) * p.d_out + nn;
+      y[o] = from_f<T>(to_f(y[o]) + s);
+    }
+  }
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads) decode_kernel(DecodeParams p, int shrink_blocks) {
+  __shared__ float smem[kSmemFloats];
+  __shared__ int s_ticket, s_last;
+  if (threadIdx.x == 0) s_ticket = static_cast<int>(atomicAdd(&p.counters[0], 1u));
+  __syncthreads();
+  const int ticket = s_ticket;
+  if (ticket < shrink_blocks) {
+    shrink_rows<T, V>(p, ticket, smem);
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0)
+      s_last = atomicAdd(&p.counters[1], 1u) == static_cast<unsigned>(shrink_blocks - 1);
+    __syncthreads();
+    if (s_last) {
+      __threadfence();
+      route_all(p, smem);
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) atomicExch(&p.counters[2], 1u);
+    }
+  } else {
+    if (threadIdx.x == 0) {
+      while (atomicAdd(&p.counters[2], 0u) == 0u) __nanosleep(64);
+      __threadfence();
+    }
+    __syncthreads();
+    mix_outputs<T, V>(p, ticket - shrink_blocks, smem);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(&p.counters[3], 1u) == gridDim.x - 1) {
+      for (int i = 0; i < 4; ++i) atomicExch(&p.counters[i], 0u);
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch_typed(const DecodeParams& p, bool vec, cudaStream_t stream) {
+  const int shrink_blocks = (p.E * p.r + kRows - 1) / kRows;
+  const int mix_blocks = (p.d_out + kNOut - 1) / kNOut;
+  const dim3 grid(shrink_blocks + mix_blocks), block(kThreads);
+  constexpr int V = 16 / sizeof(T);
+  if (vec) {
+    decode_kernel<T, V><<<grid, block, 0, stream>>>(p, shrink_blocks);
+  } else {
+    decode_kernel<T, 1><<<grid, block, 0, stream>>>(p, shrink_blocks);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+std::string launch_decode(const DecodeParams& p, int dtype, bool vec, std::uintptr_t stream) {
+  if (p.T < 1 || p.T > kMaxTokens || p.E < 1 || p.E > kMaxExperts || p.r < 1 ||
+      p.r > kMaxRank || p.k < 1 || p.k > p.E)
+    return "decode kernel: shape outside T<=16, E<=64, r<=64, 1<=k<=E";
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  cudaError_t err;
+  switch (dtype) {
+    case kF32: err = launch_typed<float>(p, vec, s); break;
+    case kF16: err = launch_typed<__half>(p, vec, s); break;
+    case kBF16: err = launch_typed<__nv_bfloat16>(p, vec, s); break;
+    default: return "decode kernel: dtype must be float32, float16 or bfloat16";
+  }
+  if (err != cudaSuccess) return std::string("decode kernel launch: ") + cudaGetErrorString(err);
+  return "";
+}
+
+int runtime_version() {
+  int v = 0;
+  cudaRuntimeGetVersion(&v);
+  return v;
+}
+
+}  // namespace personamoe_cuda

@@ -1,0 +1,135 @@
+"""Host side of the ``cuda`` backend: the decode kernel of ``personamoe._C_cuda`` for T <= 16.
+
+The base output ``x @ W^T + b`` runs beside it through torch (cuBLAS); one launch of the decode
+kernel then does shrink, route and mix and adds the adapters' term into it (csrc/cuda/decode.cu).
+Calls the kernel does not cover (T > 16, E > 64, r > 64, fp64, T = 0) go to the Triton backend,
+or to the reference where Triton is missing.
+
+CUDA-graph safe: no host sync, no value-dependent branching. The kernel's four counters must be
+zero at launch and the kernel leaves them zero; one zeroed buffer is kept per (device, stream) and
+reused, except during graph capture, where a fresh zeroed buffer is made inside the graph (a
+memset node), since a buffer first allocated during capture is never zeroed outside it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from personamoe import reference
+from personamoe.backends.base import LayerArgs, LayerOutputs
+
+__all__ = ["covers", "persona_moe_linear"]
+
+MAX_TOKENS, MAX_EXPERTS, MAX_RANK = 16, 64, 64  # csrc/cuda/decode.h
+
+_DTYPE_CODE = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.float64: 3,
+    torch.int32: 4,
+    torch.int64: 5,
+}
+_NORMALIZE_CODE = {"topk": 0, "full": 1}
+_counters: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def covers(a: LayerArgs) -> bool:
+    """Whether the decode kernel handles this call (shapes and dtype only: no data is read)."""
+    E, r, _ = a.lora_a.shape
+    return (
+        a.x.is_cuda
+        and 1 <= a.x.shape[0] <= MAX_TOKENS
+        and E <= MAX_EXPERTS
+        and r <= MAX_RANK
+        and a.x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    )
+
+
+def _fallback(a: LayerArgs) -> LayerOutputs:
+    try:
+        from personamoe.kernels import launchers
+    except ImportError:
+        return reference.persona_moe_linear_full(
+            a.x, a.weight, a.bias, a.lora_a, a.lora_b, a.scaling,
+            top_k=a.top_k, temperature=a.temperature, normalize=a.normalize,
+            calibration=a.calibration, persona_bias=a.persona_bias, persona_ids=a.persona_ids,
+            persona_weights=a.persona_weights,
+        )  # fmt: skip
+    return launchers.persona_moe_linear(a)
+
+
+def _get_counters(device: torch.device, stream: int) -> torch.Tensor:
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(4, dtype=torch.int32, device=device)
+    key = (device.index if device.index is not None else torch.cuda.current_device(), stream)
+    c = _counters.get(key)
+    if c is None:
+        c = _counters[key] = torch.zeros(4, dtype=torch.int32, device=device)
+    return c
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
+
+
+def persona_moe_linear(a: LayerArgs) -> LayerOutputs:
+    """``(y, topk_idx, topk_gates, scores)`` for 2-D ``x`` on a CUDA device."""
+    if not covers(a):
+        return _fallback(a)
+    from personamoe import _C_cuda  # type: ignore[attr-defined]
+
+    x = a.x if a.x.stride(1) == 1 else a.x.contiguous()
+    T, d_in = x.shape
+    E, r, _ = a.lora_a.shape
+    d_out = a.weight.shape[0]
+    k = min(a.top_k, E)
+    lora_a = a.lora_a.contiguous()
+    lora_b = a.lora_b.contiguous()
+    dev = x.device
+    y = torch.nn.functional.linear(x, a.weight, a.bias)
+    idx = torch.empty(T, k, dtype=torch.int32, device=dev)
+    gates = torch.empty(T, k, dtype=torch.float32, device=dev)
+    n = torch.empty(T, E, dtype=torch.float32, device=dev)
+    n_h, n_coef = T * E * r, T * E
+    ws = torch.empty(n_h + n_coef + E + 1, dtype=torch.float32, device=dev)
+    h_ws, coef_ws = ws[:n_h], ws[n_h : n_h + n_coef]
+    used_ws = ws[n_h + n_coef :].view(torch.int32)
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    counters = _get_counters(dev, stream)
+
+    fixed = a.persona_weights is not None
+    table = a.persona_weights if fixed else a.persona_bias
+    ids = a.persona_ids
+    if table is not None and ids is not None:
+        table = table.contiguous()
+        ids = ids.contiguous()
+    else:
+        table, ids = None, None
+    scaling = a.scaling.contiguous()
+    cal = a.calibration.contiguous() if a.calibration is not None else None
+    vlen = 16 // x.element_size()
+    vec = (
+        d_in % vlen == 0
+        and r % vlen == 0
+        and x.stride(0) % vlen == 0
+        and _aligned(x)
+        and _aligned(lora_a)
+        and _aligned(lora_b)
+    )
+    _C_cuda.decode(
+        x.data_ptr(), x.stride(0), lora_a.data_ptr(), lora_b.data_ptr(),
+        scaling.data_ptr(), _DTYPE_CODE[scaling.dtype],
+        cal.data_ptr() if cal is not None else 0,
+        _DTYPE_CODE[cal.dtype] if cal is not None else 0,
+        table.data_ptr() if table is not None else 0,
+        _DTYPE_CODE[table.dtype] if table is not None else 0,
+        ids.data_ptr() if ids is not None else 0,
+        _DTYPE_CODE[ids.dtype] if ids is not None else 0,
+        table.shape[0] if table is not None else 0,
+        y.data_ptr(), idx.data_ptr(), gates.data_ptr(), n.data_ptr(),
+        h_ws.data_ptr(), coef_ws.data_ptr(), used_ws.data_ptr(), counters.data_ptr(),
+        T, d_in, d_out, E, r, k, float(a.temperature), _NORMALIZE_CODE[a.normalize],
+        fixed, _DTYPE_CODE[x.dtype], vec, stream,
+    )  # fmt: skip
+    return y, idx, gates, n
