@@ -15,9 +15,21 @@ def main(argv: list[str] | None = None) -> int:
     bench_cli.add_arguments(
         sub.add_parser("bench", help="benchmark every standard case against the baselines")
     )
+    from personamoe.bench import demo
+
+    demo.add_arguments(
+        sub.add_parser("demo", help="three personas over eight adapters in one batched generate")
+    )
+    from personamoe.integrations import export as export_cli
+
+    export_cli.add_arguments(sub.add_parser("export", help=export_cli.CLI_HELP))
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return export_cli.main(args)
     if args.command == "bench":
         return bench_cli.main(args)
+    if args.command == "demo":
+        return demo.main(args)
     if args.command == "info":
         import torch
 
