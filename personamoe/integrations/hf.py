@@ -117,8 +117,13 @@ def _check_base_model(model: nn.Module, adapter: LoraAdapter) -> None:
 
 
 class _SequenceHook:
-    """Forward pre-hook on the root model: the prompt's attention mask and whether this forward
-    starts new sequences (no KV cache yet), for ``routing="sequence"``."""
+    """Forward pre-hook on the root model, for ``routing="sequence"``: which prompt tokens to pool
+    over and whether this forward starts new sequences (no KV cache yet).
+
+    The pooling mask is the ``attention_mask`` when the call passes one; ``generate`` in recent
+    transformers passes ``position_ids`` instead (padding restarts at 0, so a left-padded row's
+    prompt is its last run that starts at position 0).
+    """
 
     def __init__(self, state: PersonaState) -> None:
         self.state = state
@@ -127,13 +132,27 @@ class _SequenceHook:
         st = self.state
         if st.routing != "sequence":
             return None
-        st.attention_mask = kwargs.get("attention_mask")
-        past = kwargs.get("past_key_values")
+        mask = kwargs.get("attention_mask")
+        if not (isinstance(mask, Tensor) and mask.dim() == 2):
+            mask = _prompt_mask(kwargs.get("position_ids"))
+        st.attention_mask = mask
+        past = kwargs.get("cache", kwargs.get("past_key_values"))
         length = 0
         if past is not None and hasattr(past, "get_seq_length"):
             length = int(past.get_seq_length())
         st.new_sequence = length == 0
         return None
+
+
+def _prompt_mask(position_ids: Any) -> Tensor | None:
+    """``[B, S]`` bool: the tokens from each row's last position 0 on (None when not 2-D)."""
+    if not (isinstance(position_ids, Tensor) and position_ids.dim() == 2):
+        return None
+    S = position_ids.shape[1]
+    zero = position_ids == 0
+    last = (S - 1) - zero.flip(1).int().argmax(1)
+    last = torch.where(zero.any(1), last, torch.zeros_like(last))
+    return torch.arange(S, device=position_ids.device)[None, :] >= last[:, None]
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
