@@ -13,9 +13,9 @@ from tests.test_hf_models import adapter_set, ids_batch, logits, tiny_model
 
 pytest.importorskip("peft")
 
-import personamoe  # noqa: E402
-from personamoe import reference as R  # noqa: E402
-from personamoe.integrations.layers import PersonaLayer  # noqa: E402
+import personamoe
+from personamoe import reference as R
+from personamoe.integrations.layers import PersonaLayer
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_batched_generate_with_per_request_personas(llama):
     # num_return_sequences expands the batch: each persona repeats over its copies (sampling
     # with top_k=1 is greedy, so every copy equals the unexpanded row).
     with personamoe.use_personas(model, rows[:2]):
-        s2, l2 = _gen(model, ids[:2], num_return_sequences=2, do_sample=True, top_k=1)
+        _, l2 = _gen(model, ids[:2], num_return_sequences=2, do_sample=True, top_k=1)
     torch.testing.assert_close(l2[::2], lg[:2], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(l2[1::2], lg[:2], atol=1e-4, rtol=1e-4)
 
@@ -191,9 +191,8 @@ def test_set_routing_and_merge_modes(llama):
     merged = personamoe.inject(copy.deepcopy(base), ads, routing="merged")
     torch.testing.assert_close(logits(merged, ids), uniform, atol=1e-4, rtol=1e-4)
     assert all(m.pm_merged for m in merged.modules() if isinstance(m, PersonaLayer))
-    with pytest.raises(ValueError, match="merged"):
-        with personamoe.use_personas(merged, None):
-            pass
+    with pytest.raises(ValueError, match="merged"), personamoe.use_personas(merged, None):
+        pass
     with pytest.raises(ValueError, match="already merged"):
         personamoe.merge(merged, w)
     personamoe.unmerge(merged)
@@ -207,15 +206,21 @@ def test_persona_errors(llama):
         personamoe.add_persona(model, personamoe.Persona("p", allow=["z"]))
     with pytest.raises(ValueError, match="either weights"):
         personamoe.Persona("p", allow=["a"], weights={"a": 1.0})
-    with pytest.raises(ValueError, match="not a registered persona"):
-        with personamoe.use_personas(model, ["nobody"]):
-            pass
-    with pytest.raises(TypeError, match="personas\\[1\\]"):
-        with personamoe.use_personas(model, [None, 3]):
-            pass
-    with personamoe.use_personas(model, [None, None, None]):
-        with pytest.raises(ValueError, match="3 personas"):
-            model(input_ids=ids_batch(batch=4))
+    with (
+        pytest.raises(ValueError, match="not a registered persona"),
+        personamoe.use_personas(model, ["nobody"]),
+    ):
+        pass
+    with (
+        pytest.raises(TypeError, match="personas\\[1\\]"),
+        personamoe.use_personas(model, [None, 3]),
+    ):
+        pass
+    with (
+        personamoe.use_personas(model, [None, None, None]),
+        pytest.raises(ValueError, match="3 personas"),
+    ):
+        model(input_ids=ids_batch(batch=4))
     # Nested blocks restore the outer personas, and leaving restores free routing.
     st = personamoe.personas.state_of(model)
     p = personamoe.Persona("inner", allow=["a"])
