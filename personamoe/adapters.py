@@ -140,12 +140,13 @@ def read_adapter(path: str | Path) -> LoraAdapter:
     tensors = load_file(str(w_file))
     adapter = LoraAdapter(path=path, config=cfg)
     halves: dict[str, dict[str, tuple[str, Tensor]]] = {}
+    for key in tensors:  # the specific unsupported features first, then anything unknown
+        if "lora_magnitude_vector" in key:
+            raise AdapterError(f"{w_file}: key {key!r}: DoRA magnitude vectors are not supported")
+        if "lora_embedding_" in key:
+            raise AdapterError(f"{w_file}: key {key!r}: LoRA on embedding layers is not supported")
     for key, t in tensors.items():
         name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
-        if "lora_magnitude_vector" in name:
-            raise AdapterError(f"{w_file}: key {key!r}: DoRA magnitude vectors are not supported")
-        if "lora_embedding_" in name:
-            raise AdapterError(f"{w_file}: key {key!r}: LoRA on embedding layers is not supported")
         m = _KEY.match(name)
         if m is None:
             raise AdapterError(

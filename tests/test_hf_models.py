@@ -54,7 +54,7 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
         m = GemmaForCausalLM(GemmaConfig(**{**common, "num_key_value_heads": 1}, head_dim=8))
     elif arch == "gpt2":
         m = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB,
-                                       n_positions=128))  # fmt: skip
+                                       n_positions=128, bos_token_id=0, eos_token_id=0))  # fmt: skip
     else:
         raise ValueError(arch)
     return m.eval()
