@@ -138,6 +138,6 @@ def test_decode_cuda_graph_replay_equals_eager():
     torch.cuda.synchronize()
     fresh = cuda_launch.persona_moe_linear(a)
     assert torch.equal(out[1], fresh[1])
-    for o, f in zip(out, fresh):
+    for o, f in zip(out, fresh, strict=True):
         torch.testing.assert_close(o, f, atol=1e-2, rtol=1e-2)
     assert not torch.equal(out[0], eager[0])
