@@ -23,7 +23,7 @@ using detail::Work;
 
 // Fewer tokens than this: the mix takes dot products over r per output (no transposed tile).
 // Measured on the dev machine (AVX-512): the tile's transposition pays off from ~4 tokens.
-constexpr int64_t kDirectMaxTokens = 4;
+constexpr int64_t kDirectMaxTokens = 8;
 
 int cpu_level() {
 #if defined(PERSONAMOE_X86_ISA)
