@@ -1,0 +1,284 @@
+"""Out-of-tree subclasses of vLLM's linear layers and the persona linear method they use.
+
+Each subclass runs vLLM's own ``__init__`` and then, when the served checkpoint names one of its
+output parts as a persona target, swaps its ``quant_method`` for a :class:`PersonaLinearMethod`:
+a subclass of vLLM's ``UnquantizedLinearMethod`` (weights are created, loaded and post-processed by
+vLLM's code) whose ``apply`` runs the persona mixture. Fused layers (``qkv_proj``, ``gate_up_proj``)
+hold one bank per part, each with its own routing, exactly like the separate layers of the
+checkpoint. Tensor-parallel sharding follows ``personamoe.integrations.tp``: column-parallel layers
+keep ``A`` whole and shard ``B`` by output rows; row-parallel layers shard ``A`` by input columns,
+all-reduce ``h`` before ranking, and shard ``B`` by rank columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
+
+from personamoe.integrations import tp
+from personamoe.integrations.export import ExportError, PersonaSection, read_bank_tensors
+from personamoe.integrations.vllm.config import current_section, part_targets
+from personamoe.ops import persona_moe_linear_scores
+
+__all__ = [
+    "PersonaColumnParallelLinear",
+    "PersonaLinearMethod",
+    "PersonaMergedColumnParallelLinear",
+    "PersonaQKVParallelLinear",
+    "PersonaReplicatedLinear",
+    "PersonaRowParallelLinear",
+    "register_layers",
+]
+
+
+@dataclass
+class _Part:
+    """One output part of a (possibly fused) layer on this rank."""
+
+    target: str | None  # checkpoint module name (None: no bank, plain linear)
+    start: int  # first output row of the part in this rank's weight
+    size: int  # rows on this rank
+    shard: int  # which shard of the part's full rows this rank holds (column-parallel)
+    bank: dict[str, Tensor | None] | None = None
+
+
+@dataclass
+class _Layout:
+    kind: str  # "column" (incl. replicated) or "row"
+    tp_rank: int
+    tp_size: int
+    parts: list[_Part]
+
+
+class PersonaLinearMethod(UnquantizedLinearMethod):
+    """vLLM's unquantized linear method plus the persona mixture of the layer's target parts."""
+
+    def __init__(self, section: PersonaSection, layout: _Layout) -> None:
+        super().__init__()
+        self.section = section
+        self.layout = layout
+
+    # -- loading ---------------------------------------------------------------------------------
+    def process_weights_after_loading(self, layer: Any) -> None:
+        # The op computes the base GEMM itself from ``layer.weight``: ask vLLM's CPU post-processing
+        # to keep the plain weight (its own opt-out for layers it must not prepack).
+        layer._cpu_skip_gemm_dispatch = True
+        super().process_weights_after_loading(layer)
+        self._load_banks(layer)
+
+    def _load_banks(self, layer: Any) -> None:
+        from safetensors import safe_open
+
+        sec, lay = self.section, self.layout
+        weight = layer.weight
+        keys = ("lora_A", "lora_B", "scaling", "calibration", "pm_available", "pm_rank")
+        with safe_open(str(sec.bank_file()), framework="pt") as f:
+            present = set(f.keys())
+            for part in lay.parts:
+                if part.target is None:
+                    continue
+                raw = {f"{part.target}.{k}": f.get_tensor(f"{part.target}.{k}") for k in keys
+                       if f"{part.target}.{k}" in present}  # fmt: skip
+                t = read_bank_tensors(sec, part.target, raw)
+                part.bank = self._shard(layer, part, t, weight)
+
+    def _shard(
+        self, layer: Any, part: _Part, t: dict[str, Tensor], weight: Tensor
+    ) -> dict[str, Tensor | None]:
+        sec, lay = self.section, self.layout
+        dev, dt = weight.device, weight.dtype
+        a, b = t["lora_A"], t["lora_B"]
+        name = str(part.target)
+        where = f"{sec.bank_file()}: key {name + '.lora_A'!r}"
+        if lay.kind == "column":
+            if a.shape[2] != weight.shape[1]:
+                raise ExportError(f"{where}: expected d_in={weight.shape[1]}, got {a.shape[2]}")
+            full = b.shape[1]
+            if full != part.size * _n_shards(layer, part, lay):
+                raise ExportError(
+                    f"{sec.bank_file()}: key {name + '.lora_B'!r}: expected d_out="
+                    f"{part.size * _n_shards(layer, part, lay)}, got {full}"
+                )
+            b = b[:, part.shard * part.size : (part.shard + 1) * part.size, :]
+        else:
+            d_in_full = weight.shape[1] * lay.tp_size
+            if a.shape[2] != d_in_full or b.shape[1] != weight.shape[0]:
+                raise ExportError(
+                    f"{where}: expected [E, r, d_in={d_in_full}] / lora_B [E, d_out="
+                    f"{weight.shape[0]}, r], got {list(a.shape)} / {list(b.shape)}"
+                )
+            # Row-parallel: A by input columns (like W), B by rank columns (r padded).
+            a, b = tp.pad_rank(a, b, lay.tp_size)
+            cols = tp.split_range(a.shape[2], lay.tp_rank, lay.tp_size)
+            rcols = tp.split_range(a.shape[1], lay.tp_rank, lay.tp_size)
+            a, b = a[:, :, cols], b[:, :, rcols]
+        avail = t["available"]
+        bias = None
+        if not bool(avail.all()):
+            # Experts that do not target this module are absent from its ranking (DESIGN.md §1).
+            bias = torch.where(avail, 0.0, float("-inf")).reshape(1, -1).to(dev, torch.float32)
+        cal = t["calibration"].to(dev, torch.float32) if sec.calibration == "frobenius" else None
+        return {
+            "lora_A": a.to(dev, dt).contiguous(),
+            "lora_B": b.to(dev, dt).contiguous(),
+            "scaling": t["scaling"].to(dev, torch.float32),
+            "calibration": cal,
+            "persona_bias": bias,
+        }
+
+    # -- forward ---------------------------------------------------------------------------------
+    def apply(self, layer: Any, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        lay = self.layout
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        weight = layer.weight
+        if lay.kind == "row" and lay.tp_size > 1:
+            y = self._row_parallel(x2, weight, bias)
+        elif len(lay.parts) == 1:
+            y = self._mix(x2, weight, bias, lay.parts[0])
+        else:
+            outs = []
+            for part in lay.parts:
+                w = weight[part.start : part.start + part.size]
+                b = bias[part.start : part.start + part.size] if bias is not None else None
+                outs.append(self._mix(x2, w, b, part))
+            y = torch.cat(outs, dim=-1)
+        return y.reshape(*lead, y.shape[-1])
+
+    def _mix(self, x: Tensor, w: Tensor, b: Tensor | None, part: _Part) -> Tensor:
+        bank = part.bank
+        if bank is None:
+            return F.linear(x, w, b)
+        pb = bank["persona_bias"]
+        ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if pb is not None else None
+        sec = self.section
+        y, _, _, _ = persona_moe_linear_scores(
+            x, w, b, bank["lora_A"], bank["lora_B"], bank["scaling"], sec.top_k,  # type: ignore[arg-type]
+            sec.temperature, sec.normalize, bank["calibration"], pb, ids, None,
+        )  # fmt: skip
+        return y
+
+    def _row_parallel(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        lay, sec = self.layout, self.section
+        bank = lay.parts[0].bank
+        if bank is None:
+            return F.linear(x, weight, bias)
+        pb = bank["persona_bias"]
+        ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if pb is not None else None
+        shard = tp.RowShard(weight, bias, bank["lora_A"], bank["lora_B"])  # type: ignore[arg-type]
+        y, _, _ = tp.row_parallel_forward(
+            x, shard, bank["scaling"], rank=lay.tp_rank, world_size=lay.tp_size,  # type: ignore[arg-type]
+            all_reduce=tensor_model_parallel_all_reduce, top_k=sec.top_k,
+            temperature=sec.temperature, normalize=sec.normalize,
+            calibration=bank["calibration"], persona_bias=pb, persona_ids=ids,
+        )  # fmt: skip
+        return y
+
+
+def _n_shards(layer: Any, part: _Part, lay: _Layout) -> int:
+    """How many distinct shards a column part is split into (KV heads may be replicated)."""
+    replicas = int(getattr(layer, "num_kv_head_replicas", 1) or 1)
+    if isinstance(layer, QKVParallelLinear) and part.target is not None and _is_kv(part):
+        return lay.tp_size // replicas
+    return lay.tp_size
+
+
+def _is_kv(part: _Part) -> bool:
+    return part.target is not None and part.target.rsplit(".", 1)[-1] in ("k_proj", "v_proj")
+
+
+def _setup(layer: Any, kind: str, fused: bool) -> None:
+    """Swap ``layer.quant_method`` for the persona method when the checkpoint targets it."""
+    section = current_section()
+    if section is None:
+        return
+    targets = part_targets(str(getattr(layer, "prefix", "")), section, fused)
+    if all(t is None for t in targets):
+        return
+    if type(layer.quant_method) is not UnquantizedLinearMethod:
+        raise ExportError(
+            f"{section.path}: layer {layer.prefix!r} is quantized "
+            f"({type(layer.quant_method).__name__}); persona layers need unquantized weights"
+        )
+    tp_rank, tp_size = int(layer.tp_rank), int(layer.tp_size)
+    sizes = list(getattr(layer, "output_partition_sizes", None) or [layer.weight.shape[0]])
+    if len(sizes) != len(targets):
+        raise ExportError(
+            f"{section.path}: layer {layer.prefix!r} has {len(sizes)} output parts, the "
+            f"checkpoint maps {len(targets)}"
+        )
+    parts: list[_Part] = []
+    start = 0
+    replicas = int(getattr(layer, "num_kv_head_replicas", 1) or 1)
+    for i, (target, size) in enumerate(zip(targets, sizes, strict=True)):
+        shard = tp_rank
+        if isinstance(layer, QKVParallelLinear) and i > 0:
+            shard = tp_rank // replicas
+        if kind == "row":
+            shard = 0
+        parts.append(_Part(target, start, int(size), shard))
+        start += int(size)
+    layer.quant_method = PersonaLinearMethod(section, _Layout(kind, tp_rank, tp_size, parts))
+
+
+class PersonaReplicatedLinear(ReplicatedLinear):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _setup(self, "column", fused=False)
+
+
+class PersonaColumnParallelLinear(ColumnParallelLinear):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _setup(self, "column", fused=False)
+
+
+class PersonaMergedColumnParallelLinear(MergedColumnParallelLinear):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _setup(self, "column", fused=True)
+
+
+class PersonaQKVParallelLinear(QKVParallelLinear):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _setup(self, "column", fused=True)
+
+
+class PersonaRowParallelLinear(RowParallelLinear):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _setup(self, "row", fused=False)
+
+
+_OOT = (
+    (ReplicatedLinear, PersonaReplicatedLinear),
+    (ColumnParallelLinear, PersonaColumnParallelLinear),
+    (MergedColumnParallelLinear, PersonaMergedColumnParallelLinear),
+    (QKVParallelLinear, PersonaQKVParallelLinear),
+    (RowParallelLinear, PersonaRowParallelLinear),
+)
+
+
+def register_layers() -> None:
+    """Register the subclasses with vLLM (``register_oot`` under vLLM's class names)."""
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    for base, cls in _OOT:
+        if op_registry_oot.get(base.__name__) is cls:
+            continue
+        base.register_oot(cls)

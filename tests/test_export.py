@@ -1,0 +1,149 @@
+"""The servable checkpoint (personamoe/integrations/export.py): export, load back with transformers,
+the CLI, and clear errors for malformed ``personamoe`` sections."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from personamoe.integrations.export import (
+    BANK_WEIGHTS,
+    FORMAT,
+    ExportError,
+    load_exported,
+    read_section,
+)
+from tests_vllm import tiny
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return tiny.build_all(tmp_path_factory.mktemp("tiny"), top_k=2)
+
+
+def _ids() -> torch.Tensor:
+    return torch.tensor([[1, 5, 9, 33, 70, 2 + 100], [1, 8, 8, 40, 3, 11]])
+
+
+def test_layout(folders: dict[str, Path]) -> None:
+    out = folders["export"]
+    cfg = json.loads((out / "config.json").read_text())
+    sec = read_section(cfg, out / "config.json")
+    assert sec.experts == tuple(tiny.ADAPTERS)
+    assert sec.top_k == 2 and sec.normalize == "topk" and sec.temperature == 1.0
+    assert len(sec.targets) == 2 * 7
+    mlp = "model.layers.0.mlp.down_proj"
+    assert sec.ranks[mlp] == (4, 8, 4, 0)  # "terse" leaves the MLP out
+    assert sec.scalings["model.layers.0.self_attn.q_proj"] == (2.0, 1.0, 1.0, 2.0)
+    assert (out / BANK_WEIGHTS).is_file() and (out / "tokenizer.json").is_file()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {"model.safetensors"}
+
+
+def test_load_exported_equals_inject(folders: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    import personamoe
+
+    ids = _ids()
+    exported = load_exported(folders["export"]).eval()
+    direct = AutoModelForCausalLM.from_pretrained(str(folders["base"])).eval()
+    adapters = {n: folders["adapters"] / n for n in tiny.ADAPTERS}
+    personamoe.inject(direct, adapters, top_k=2)
+    base = AutoModelForCausalLM.from_pretrained(str(folders["base"])).eval()
+    with torch.no_grad():
+        got = exported(ids).logits
+        want = direct(ids).logits
+        plain = base(ids).logits
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert (got - plain).abs().max() > 1e-2  # the experts change the output
+
+
+def test_section_is_authoritative(folders: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "k1"
+    shutil.copytree(folders["export"], out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["personamoe"]["top_k"] = 1
+    (out / "config.json").write_text(json.dumps(cfg))
+    model = load_exported(out)
+    from personamoe.integrations.layers import persona_layers
+
+    assert {layer.top_k for _, layer in persona_layers(model)} == {1}
+
+
+def test_cli(folders: dict[str, Path], tmp_path: Path) -> None:
+    from personamoe.__main__ import main
+
+    args = ["export", "--base", str(folders["base"]), "--out", str(tmp_path / "cli"),
+            "--top-k", "1", "--adapters"]  # fmt: skip
+    args += [f"{n}={folders['adapters'] / n}" for n in ("calm", "formal")]
+    assert main(args) == 0
+    sec = read_section(json.loads((tmp_path / "cli/config.json").read_text()), "config.json")
+    assert sec.experts == ("calm", "formal") and sec.top_k == 1
+    with pytest.raises(SystemExit, match="NAME=DIR"):
+        main(["export", "--base", "b", "--out", "o", "--adapters", "nodir"])
+
+
+def _good(folders: dict[str, Path]) -> dict[str, Any]:
+    return json.loads((folders["export"] / "config.json").read_text())
+
+
+BAD: list[tuple[str, Any, str]] = [
+    ("format", "personamoe-export/0", "personamoe.format"),
+    ("top_k", 5, r"personamoe.top_k': expected an int in 1..4"),
+    ("top_k", "2", "personamoe.top_k"),
+    ("normalize", "soft", "personamoe.normalize"),
+    ("temperature", 0, "personamoe.temperature"),
+    ("experts", ["a", "a", "b", "c"], "unique"),
+    ("routing", "sequence", "personamoe.routing"),
+    ("calibration", "l2", "personamoe.calibration"),
+    ("bank", "../x.safetensors", "personamoe.bank"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "match"), BAD)
+def test_malformed_section(folders: dict[str, Path], key: str, value: Any, match: str) -> None:
+    cfg = copy.deepcopy(_good(folders))
+    cfg["personamoe"][key] = value
+    with pytest.raises(ExportError, match=match):
+        read_section(cfg, "config.json")
+
+
+def test_malformed_tables(folders: dict[str, Path]) -> None:
+    cfg = _good(folders)
+    t = cfg["personamoe"]["targets"][0]
+    for mutate, match in [
+        (lambda s: s["ranks"].__setitem__(t, [4, 8]), f"ranks.{t}': expected a list of E=4"),
+        (lambda s: s["scalings"].__setitem__(t, [1.0, "x", 1.0, 1.0]), f"scalings.{t}'"),
+        (lambda s: s["ranks"].__setitem__("model.nope", [1, 1, 1, 1]), "not one of 'targets'"),
+        (lambda s: s.pop("experts"), "personamoe.experts': missing"),
+    ]:
+        c = copy.deepcopy(cfg)
+        mutate(c["personamoe"])
+        with pytest.raises(ExportError, match=match):
+            read_section(c, "config.json")
+    with pytest.raises(ExportError, match="no 'personamoe' section"):
+        read_section({"model_type": "llama"}, "config.json")
+    assert cfg["personamoe"]["format"] == FORMAT
+
+
+def test_bank_disagreeing_with_section(folders: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "bad"
+    shutil.copytree(folders["export"], out)
+    cfg = json.loads((out / "config.json").read_text())
+    t = "model.layers.1.mlp.up_proj"
+    cfg["personamoe"]["ranks"][t] = [4, 8, 4, 8]  # the bank says "terse" is absent there
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match=rf"ranks.{t}'.*disagrees with the bank"):
+        load_exported(out)

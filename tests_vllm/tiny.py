@@ -1,0 +1,98 @@
+"""A tiny random Llama, a tokenizer built from scratch and four random PEFT LoRA adapters, all
+written locally (no downloads), and their exported personamoe checkpoint.
+
+Used by tests_vllm/ (vLLM's CPU build) and tests/test_export.py (main venv).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from personamoe.adapters import write_adapter
+
+WORDS = [f"w{i}" for i in range(120)]
+# Four persona adapters: different ranks and alphas; "terse" leaves out the MLP (absent there).
+ADAPTERS = {
+    "calm": {"r": 4, "alpha": 8.0, "modules": "all"},
+    "curious": {"r": 8, "alpha": 8.0, "modules": "all"},
+    "formal": {"r": 4, "alpha": 4.0, "modules": "all"},
+    "terse": {"r": 8, "alpha": 16.0, "modules": "attn"},
+}
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def build_tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.save_pretrained(str(out))
+
+
+def build_base(out: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama (hidden 256, 4 heads of 64, 2 KV heads), random weights with a wide init so
+    that greedy choices are far from ties."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(WORDS) + 3,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.15,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(str(out), safe_serialization=True)
+    build_tokenizer(out)
+    return out
+
+
+def build_adapters(base: Path, out: Path, seed: int = 1) -> dict[str, Path]:
+    """Random PEFT LoRA adapters (lora_B non-zero, so every expert changes the output)."""
+    import json
+
+    cfg = json.loads((base / "config.json").read_text())
+    d, f, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    kv = cfg["num_key_value_heads"] * (d // cfg["num_attention_heads"])
+    shapes = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
+              "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    paths: dict[str, Path] = {}
+    for name, spec in ADAPTERS.items():
+        r, alpha = int(spec["r"]), float(spec["alpha"])  # type: ignore[call-overload]
+        names = ATTN + MLP if spec["modules"] == "all" else ATTN
+        modules = {}
+        for layer in range(L):
+            for m in names:
+                part = "self_attn" if m in ATTN else "mlp"
+                d_in, d_out = shapes[m]
+                a = torch.randn(r, d_in, generator=g) / d_in**0.5
+                b = torch.randn(d_out, r, generator=g) * 0.5 / r**0.5
+                modules[f"model.layers.{layer}.{part}.{m}"] = (a, b, alpha / r)
+        paths[name] = write_adapter(out / name, modules, base_model_name_or_path=str(base))
+    return paths
+
+
+def build_all(root: Path, top_k: int = 2) -> dict[str, Path]:
+    """``{"base", "adapters", "export"}`` folders under ``root`` (the export with ``top_k``)."""
+    from personamoe.integrations.export import export
+
+    base = build_base(root / "base")
+    adapters = build_adapters(base, root / "adapters")
+    out = export(base, adapters, root / "export", top_k=top_k)
+    return {"base": base, "adapters": root / "adapters", "export": out}
