@@ -123,6 +123,8 @@ void layer_forward(const LayerArgs& a) {
   w.ent_n = ent_n.get();
   w.kmax = kmax;
   w.direct = T < kDirectMaxTokens;
+  // x small enough to stay in L2 while every A tile streams past once: segment-major shrink.
+  w.seg_major = T * a.d_in * (a.dtype == DType::F32 ? 4 : 2) <= (256 << 10);
 
   const int64_t n_items = ((T + detail::kTokenGroup - 1) / detail::kTokenGroup) * w.nseg;
   const int64_t n_blocks = (a.d_out + detail::kOutBlock - 1) / detail::kOutBlock;

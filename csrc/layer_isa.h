@@ -23,6 +23,7 @@ struct Work {
   const int64_t* seg_start = nullptr;
   const int32_t* seg_len = nullptr;
   int64_t nseg = 0;
+  bool seg_major = false;  // shrink item order: segment-major (few tokens) or token-major
   // Mix: per token up to kmax entries (expert, coefficient = gate * scaling).
   const int32_t* ent_e = nullptr;
   const float* ent_c = nullptr;

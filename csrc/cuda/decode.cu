@@ -328,6 +328,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeParams p, int sh
   }
 }
 
+#ifndef PERSONAMOE_CPU_EMULATION  // emu/emulate.cpp runs the kernel on the CPU instead
 template <typename T>
 cudaError_t launch_typed(const DecodeParams& p, bool vec, cudaStream_t stream) {
   const int shrink_blocks = (p.E * p.r + kRows - 1) / kRows;
@@ -342,8 +343,11 @@ cudaError_t launch_typed(const DecodeParams& p, bool vec, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+#endif  // PERSONAMOE_CPU_EMULATION
+
 }  // namespace
 
+#ifndef PERSONAMOE_CPU_EMULATION
 std::string launch_decode(const DecodeParams& p, int dtype, bool vec, std::uintptr_t stream) {
   if (p.T < 1 || p.T > kMaxTokens || p.E < 1 || p.E > kMaxExperts || p.r < 1 ||
       p.r > kMaxRank || p.k < 1 || p.k > p.E)
@@ -359,6 +363,8 @@ std::string launch_decode(const DecodeParams& p, int dtype, bool vec, std::uintp
   if (err != cudaSuccess) return std::string("decode kernel launch: ") + cudaGetErrorString(err);
   return "";
 }
+
+#endif  // PERSONAMOE_CPU_EMULATION
 
 int runtime_version() {
   int v = 0;

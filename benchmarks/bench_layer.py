@@ -1,0 +1,68 @@
+"""Ratio table for the layer cases L1/L16/L256 (DESIGN.md §3): medians of interleaved calls.
+
+    python benchmarks/bench_layer.py                 # every case, every provider
+    python benchmarks/bench_layer.py --cases L1 --rounds 400 --rotate-mib 256
+
+Prints the machine, then per case the median time of each provider, its ratio to ``base`` and its
+overhead over ``base``; and the two target figures: ``personamoe / base`` and personamoe's
+overhead against the smallest overhead of ``naive``, ``dense`` and ``masked``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from personamoe.bench import layer as bl
+
+DEFAULT_ROUNDS = {"L1": 400, "L16": 200, "L256": 40}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--cases", nargs="+", default=list(bl.CASES), choices=list(bl.CASES))
+    p.add_argument("--providers", nargs="+", default=list(bl.PROVIDERS), choices=list(bl.PROVIDERS))
+    p.add_argument("--rounds", type=int, default=0, help="rounds per case (0: per-case default)")
+    p.add_argument(
+        "--rotate-mib", type=int, default=640,
+        help="weight bytes to rotate through per case (default 640 MiB: above the 480 MiB L3 "
+        "the dev machine reports, so weights come from DRAM as in a real model)",
+    )  # fmt: skip
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if "base" not in args.providers:
+        args.providers.insert(0, "base")
+    print(f"machine: {bl.machine_info()}")
+    print(f"command: python benchmarks/bench_layer.py {' '.join(argv or sys.argv[1:])}".rstrip())
+    for name in args.cases:
+        case = bl.CASES[name]
+        n_sets = bl.sets_for_bytes(case, args.rotate_mib << 20)
+        sets = bl.make_weight_sets(case, n_sets)
+        rounds = args.rounds or DEFAULT_ROUNDS[name]
+        med = bl.medians(bl.measure(case, args.providers, sets, rounds=rounds))
+        base = med["base"]
+        print(
+            f"\n{name}: T={case.tokens} d_in={case.d_in} d_out={case.d_out} E={case.experts} "
+            f"r={case.rank} k={case.top_k} {str(case.dtype).replace('torch.', '')}; "
+            f"{n_sets} weight sets ({n_sets * case.set_bytes() / 2**20:.0f} MiB), {rounds} rounds"
+        )
+        print(f"  {'provider':<11} {'median us':>10} {'/ base':>7} {'overhead us':>12}")
+        for prov in args.providers:
+            print(f"  {prov:<11} {med[prov] * 1e6:10.1f} {med[prov] / base:7.3f} "
+                  f"{(med[prov] - base) * 1e6:12.1f}")  # fmt: skip
+        others = [med[q] - base for q in ("naive", "dense", "masked") if q in med]
+        if "personamoe" in med and others:
+            ov = med["personamoe"] - base
+            print(
+                f"  personamoe/base = {med['personamoe'] / base:.3f}; overhead / smallest other "
+                f"overhead = {ov / min(others):.3f}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The layer benchmark of DESIGN.md §3: cases L1/L16/L256 and the providers compared on them.
+
+One source of truth for ``benchmarks/test_bench_layer.py`` (pytest-benchmark), the ratio-table
+script ``benchmarks/bench_layer.py`` and any later CLI. Every provider computes the whole layer,
+base included, in token mode (``normalize="topk"``, temperature 1, no calibration or persona
+table), so each one can be checked against :func:`personamoe.reference.persona_moe_linear`.
+
+Weights are rotated over several weight sets (:func:`make_weight_sets`) so that a case is not
+measured with its weights sitting in cache; :func:`measure` times the providers interleaved
+(A B C A B C ...) and reports medians.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import personamoe
+from personamoe import reference
+
+__all__ = [
+    "CASES",
+    "PROVIDERS",
+    "LayerCase",
+    "WeightSet",
+    "machine_info",
+    "make_input",
+    "make_weight_sets",
+    "measure",
+]
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    """One layer shape: ``x [tokens, d_in]`` through ``d_in -> d_out`` with ``E`` experts of rank r."""
+
+    name: str
+    tokens: int
+    d_in: int = 2048
+    d_out: int = 2048
+    experts: int = 8
+    rank: int = 16
+    top_k: int = 2
+    dtype: torch.dtype = torch.float32
+
+    def set_bytes(self) -> int:
+        """Bytes of one weight set (base weight and bias, both adapter banks, scaling)."""
+        el = torch.empty((), dtype=self.dtype).element_size()
+        n = self.d_out * self.d_in + self.d_out
+        n += self.experts * self.rank * (self.d_in + self.d_out)
+        return n * el + 4 * self.experts
+
+
+CASES: dict[str, LayerCase] = {
+    "L1": LayerCase("L1", tokens=1),
+    "L16": LayerCase("L16", tokens=16),
+    "L256": LayerCase("L256", tokens=256),
+}
+
+
+@dataclass(frozen=True)
+class WeightSet:
+    """One layer's weights, in the layouts of DESIGN.md §1."""
+
+    weight: Tensor  # [d_out, d_in]
+    bias: Tensor  # [d_out]
+    lora_a: Tensor  # [E, r, d_in]
+    lora_b: Tensor  # [E, d_out, r]
+    scaling: Tensor  # [E] fp32
+
+
+def make_weight_sets(case: LayerCase, count: int, *, seed: int = 0) -> list[WeightSet]:
+    """``count`` independent random weight sets (never zero ``lora_b``: every expert matters)."""
+    g = torch.Generator().manual_seed(seed)
+    E, r, d_in, d_out = case.experts, case.rank, case.d_in, case.d_out
+    out = []
+    for _ in range(count):
+
+        def rnd(*shape: int, std: float) -> Tensor:
+            return (torch.randn(*shape, generator=g) * std).to(case.dtype)
+
+        out.append(
+            WeightSet(
+                weight=rnd(d_out, d_in, std=1 / math.sqrt(d_in)),
+                bias=rnd(d_out, std=0.1),
+                lora_a=rnd(E, r, d_in, std=1 / math.sqrt(d_in)),
+                lora_b=rnd(E, d_out, r, std=1 / math.sqrt(r)),
+                scaling=torch.full((E,), 2.0),
+            )
+        )
+    return out
+
+
+def sets_for_bytes(case: LayerCase, rotate_bytes: int, *, minimum: int = 2) -> int:
+    """How many weight sets it takes to rotate through at least ``rotate_bytes``."""
+    return max(minimum, math.ceil(rotate_bytes / case.set_bytes()))
+
+
+def make_input(case: LayerCase, *, seed: int = 1) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(case.tokens, case.d_in, generator=g).to(case.dtype)
+
+
+# ---- providers: (x, weight set, top_k) -> y -----------------------------------------------------
+def _shrink_route(x: Tensor, w: WeightSet, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """All experts' h ``[T, E, r]`` (one GEMM), then top-k by norm and softmax gates over the k."""
+    E, r, d_in = w.lora_a.shape
+    h = (x @ w.lora_a.reshape(E * r, d_in).t()).reshape(x.shape[0], E, r)
+    n = torch.linalg.vector_norm(h, dim=-1)
+    top, idx = torch.topk(n, top_k, dim=-1)
+    return h, idx, torch.softmax(top, dim=-1)
+
+
+def provider_base(x: Tensor, w: WeightSet, top_k: int) -> Tensor:
+    """The plain linear layer, no adapters: the floor."""
+    return F.linear(x, w.weight, w.bias)
+
+
+def provider_naive(x: Tensor, w: WeightSet, top_k: int) -> Tensor:
+    """Shrink all, top-k, then a Python loop over experts gathering each expert's tokens."""
+    h, idx, gates = _shrink_route(x, w, top_k)
+    y = F.linear(x, w.weight, w.bias)
+    for e in range(w.lora_a.shape[0]):
+        tok, slot = (idx == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        coeff = (gates[tok, slot] * w.scaling[e])[:, None]
+        y.index_add_(0, tok, (h[tok, e] * coeff) @ w.lora_b[e].t())
+    return y
+
+
+def provider_dense(x: Tensor, w: WeightSet, top_k: int) -> Tensor:
+    """Every expert's full output ``[T, E, d_out]`` materialised, then weighted (X-LoRA style)."""
+    h, idx, gates = _shrink_route(x, w, top_k)
+    full = torch.einsum("ter,eor->teo", h, w.lora_b)
+    coeff = torch.zeros_like(h[:, :, 0]).scatter_(1, idx, gates) * w.scaling
+    return F.linear(x, w.weight, w.bias) + (full * coeff[:, :, None]).sum(dim=1)
+
+
+def provider_masked(x: Tensor, w: WeightSet, top_k: int) -> Tensor:
+    """Gates scattered into ``[T, E]``, then one GEMM over ``E*r`` (the best pure-PyTorch form)."""
+    h, idx, gates = _shrink_route(x, w, top_k)
+    T, E, r = h.shape
+    coeff = torch.zeros_like(h[:, :, 0]).scatter_(1, idx, gates) * w.scaling
+    b_cat = w.lora_b.permute(0, 2, 1).reshape(E * r, -1)
+    return torch.addmm(F.linear(x, w.weight, w.bias), (h * coeff[:, :, None]).reshape(T, E * r), b_cat)
+
+
+def provider_reference(x: Tensor, w: WeightSet, top_k: int) -> Tensor:
+    """``personamoe.reference`` (the contract in plain torch)."""
+    y = reference.persona_moe_linear(
+        x, w.weight, w.bias, w.lora_a, w.lora_b, w.scaling, top_k=top_k
+    )
+    assert isinstance(y, Tensor)
+    return y
+
+
+def provider_personamoe(x: Tensor, w: WeightSet, top_k: int) -> Tensor:
+    """The public entry point ``personamoe.persona_moe_linear`` (backend ``auto``), validation included."""
+    y = personamoe.persona_moe_linear(
+        x, w.weight, w.bias, w.lora_a, w.lora_b, w.scaling, top_k=top_k
+    )
+    assert isinstance(y, Tensor)
+    return y
+
+
+Provider = Callable[[Tensor, WeightSet, int], Tensor]
+PROVIDERS: dict[str, Provider] = {
+    "base": provider_base,
+    "naive": provider_naive,
+    "dense": provider_dense,
+    "masked": provider_masked,
+    "reference": provider_reference,
+    "personamoe": provider_personamoe,
+}
+
+
+def measure(
+    case: LayerCase,
+    providers: Sequence[str],
+    weight_sets: Sequence[WeightSet],
+    *,
+    rounds: int,
+    warmup: int = 3,
+    x: Tensor | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each provider, timed interleaved: every round calls each provider once
+    (in a rotated order), each call on the next weight set. Returns the raw samples."""
+    x = make_input(case) if x is None else x
+    fns = [PROVIDERS[p] for p in providers]
+    samples: dict[str, list[float]] = {p: [] for p in providers}
+    n_sets = len(weight_sets)
+    clock = time.perf_counter
+    with torch.inference_mode():
+        for i in range(warmup * n_sets):
+            for fn in fns:
+                fn(x, weight_sets[i % n_sets], case.top_k)
+        for i in range(rounds):
+            order = list(range(len(fns)))
+            shift = i % len(fns)
+            order = order[shift:] + order[:shift]
+            for j in order:
+                w = weight_sets[(i * len(fns) + j) % n_sets]
+                t0 = clock()
+                fns[j](x, w, case.top_k)
+                samples[providers[j]].append(clock() - t0)
+    return samples
+
+
+def medians(samples: dict[str, list[float]]) -> dict[str, float]:
+    return {p: statistics.median(v) for p, v in samples.items()}
+
+
+def machine_info() -> str:
+    """CPU model, core count, torch version and threads, the ISA path of the C++ kernel."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        from personamoe.backends.cpp_backend import active_isa
+
+        isa = active_isa()
+    except Exception as e:  # the extension may be missing on a broken install
+        isa = f"unavailable ({e})"
+    return (
+        f"{model}; {os.cpu_count()} logical cores; torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads); personamoe cpp path: {isa}"
+    )
