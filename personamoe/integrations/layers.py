@@ -186,8 +186,11 @@ class PersonaLayer(PersonaMoELinear):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
         w = self.base_weight()
         cal = self._calibration()
-        # Persona ids and tables are built here, in range; only the shapes need checking.
-        check_layer_args(x, w, self.bias, self.lora_A, self.lora_B, self.scaling, self.top_k,
+        # Persona ids and tables are built here, in range; only the shapes need checking, and
+        # only in eager mode (under torch.compile the op's fake implementation checks shapes, and
+        # dynamic=True turns the float options symbolic, which the host checks cannot read).
+        if not torch.compiler.is_compiling():
+            check_layer_args(x, w, self.bias, self.lora_A, self.lora_B, self.scaling, self.top_k,
                          self.temperature, self.normalize, cal, bias, None, None)  # fmt: skip
         return persona_moe_linear_scores(
             x, w, self.bias, self.lora_A, self.lora_B, self.scaling, self.top_k,
