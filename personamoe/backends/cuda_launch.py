@@ -62,7 +62,7 @@ def _fallback(a: LayerArgs) -> LayerOutputs:
 def _get_counters(device: torch.device, stream: int) -> torch.Tensor:
     if torch.cuda.is_current_stream_capturing():
         return torch.zeros(4, dtype=torch.int32, device=device)
-    key = (device.index if device.index is not None else torch.cuda.current_device(), stream)
+    key = (device.index if device.index is not None else -1, stream)  # a tensor's index is set
     c = _counters.get(key)
     if c is None:
         c = _counters[key] = torch.zeros(4, dtype=torch.int32, device=device)

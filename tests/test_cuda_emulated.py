@@ -1,0 +1,184 @@
+"""The CUDA decode kernel's source, run on the CPU by an emulator (csrc/cuda/emu/).
+
+``csrc/cuda/decode.cu`` is compiled as host C++ with a shim for the CUDA built-ins: each block runs
+with 256 std::threads meeting at real barriers, blocks one after another in ticket order. The host
+launcher ``personamoe.backends.cuda_launch`` runs as it is, on CPU tensors, with a stand-in for
+``personamoe._C_cuda`` whose ``decode`` calls the emulator. This checks the kernel's indexing,
+reductions, routing, gates, mix and the counters' reset, and the launcher's argument passing; it
+cannot check speed, GPU memory ordering or races between concurrent blocks (the GPU check does).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from personamoe import reference
+from personamoe.backends import cuda_launch
+from personamoe.backends.base import LayerArgs
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU = ROOT / "csrc" / "cuda" / "emu"
+
+
+class DecodeParams(ctypes.Structure):
+    _fields_ = [  # the layout of personamoe_cuda::DecodeParams (csrc/cuda/decode.h)
+        ("x", ctypes.c_void_p), ("x_stride", ctypes.c_int64), ("a", ctypes.c_void_p),
+        ("b", ctypes.c_void_p), ("scaling", ctypes.c_void_p), ("calibration", ctypes.c_void_p),
+        ("table", ctypes.c_void_p), ("ids", ctypes.c_void_p), ("scaling_dtype", ctypes.c_int),
+        ("calibration_dtype", ctypes.c_int), ("table_dtype", ctypes.c_int),
+        ("ids_dtype", ctypes.c_int), ("P", ctypes.c_int64), ("y", ctypes.c_void_p),
+        ("topk_idx", ctypes.c_void_p), ("topk_gates", ctypes.c_void_p),
+        ("scores", ctypes.c_void_p), ("h_ws", ctypes.c_void_p), ("coef_ws", ctypes.c_void_p),
+        ("used_ws", ctypes.c_void_p), ("counters", ctypes.c_void_p), ("T", ctypes.c_int),
+        ("d_in", ctypes.c_int), ("d_out", ctypes.c_int), ("E", ctypes.c_int), ("r", ctypes.c_int),
+        ("k", ctypes.c_int), ("temperature", ctypes.c_float), ("normalize", ctypes.c_int),
+        ("fixed", ctypes.c_int),
+    ]  # fmt: skip
+
+
+# bindings.cpp's argument order: the struct fields, with T..k after the pointers, then dtype etc.
+_BIND_ORDER = ["x", "x_stride", "a", "b", "scaling", "scaling_dtype", "calibration",
+               "calibration_dtype", "table", "table_dtype", "ids", "ids_dtype", "P", "y",
+               "topk_idx", "topk_gates", "scores", "h_ws", "coef_ws", "used_ws", "counters", "T",
+               "d_in", "d_out", "E", "r", "k", "temperature", "normalize", "fixed", "dtype", "vec",
+               "stream"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ is needed to build the CPU emulation of the CUDA kernel")
+    so = tmp_path_factory.mktemp("emu") / "emu_decode.so"
+    cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", f"-I{EMU}",
+           str(EMU / "emulate.cpp"), "-o", str(so)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"the emulator does not build with this g++: {res.stderr[-500:]}")
+    lib = ctypes.CDLL(str(so))
+    lib.personamoe_emulate_decode.restype = ctypes.c_int
+    lib.personamoe_emulate_decode.argtypes = [ctypes.POINTER(DecodeParams), ctypes.c_int,
+                                              ctypes.c_int]  # fmt: skip
+    calls: list[dict] = []
+
+    def decode(*args):
+        kw = dict(zip(_BIND_ORDER, args, strict=True))
+        calls.append(kw)
+        p = DecodeParams(**{name: kw[name] for name, _ in DecodeParams._fields_})
+        assert lib.personamoe_emulate_decode(ctypes.byref(p), kw["dtype"], int(kw["vec"])) == 0
+
+    fake = types.ModuleType("personamoe._C_cuda")
+    fake.decode = decode  # type: ignore[attr-defined]
+    fake.calls = calls  # type: ignore[attr-defined]
+    return fake
+
+
+@pytest.fixture
+def emulated(emulator, monkeypatch):
+    monkeypatch.setitem(sys.modules, "personamoe._C_cuda", emulator)
+    import personamoe
+
+    monkeypatch.setattr(personamoe, "_C_cuda", emulator, raising=False)
+    monkeypatch.setattr(cuda_launch, "covers", lambda a: 1 <= a.x.shape[0] <= 16)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(
+        torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0)
+    )
+    monkeypatch.setattr(cuda_launch, "_counters", {})
+    emulator.calls.clear()
+    return emulator
+
+
+def _args(T, d_in, d_out, E, r, k, dtype, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    return LayerArgs(
+        rnd(T, d_in), rnd(d_out, d_in, scale=d_in**-0.5), rnd(d_out),
+        rnd(E, r, d_in, scale=d_in**-0.5), rnd(E, d_out, r, scale=r**-0.5),
+        torch.rand(E, generator=g) + 0.5, k, kw.get("temperature", 1.0),
+        kw.get("normalize", "topk"), kw.get("calibration"), kw.get("persona_bias"),
+        kw.get("persona_ids"), kw.get("persona_weights"),
+    )  # fmt: skip
+
+
+TOLS = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (1e-1, 5e-2)}
+
+
+def _check(a, dtype, *, vec=None, emulated=None):
+    got = cuda_launch.persona_moe_linear(a)
+    f = [t.float() if isinstance(t, torch.Tensor) else t for t in a[:6]]
+    ref = reference.persona_moe_linear_full(
+        *f, top_k=a.top_k, temperature=a.temperature, normalize=a.normalize,
+        calibration=a.calibration, persona_bias=a.persona_bias, persona_ids=a.persona_ids,
+        persona_weights=a.persona_weights,
+    )  # fmt: skip
+    atol, rtol = TOLS[dtype]
+    y, idx, gates, n = got
+    assert y.dtype == dtype and idx.dtype == torch.int32
+    torch.testing.assert_close(n, ref[3], atol=atol, rtol=rtol)
+    assert torch.equal(idx, ref[1])
+    torch.testing.assert_close(gates, ref[2], atol=atol, rtol=rtol)
+    torch.testing.assert_close(y.float(), ref[0].float(), atol=atol, rtol=rtol)
+    if vec is not None:
+        assert emulated.calls[-1]["vec"] == vec
+    assert all(c == 0 for c in next(iter(cuda_launch._counters.values())).tolist())
+    return got
+
+
+@pytest.mark.parametrize(
+    ("T", "d_in", "d_out", "E", "r", "k", "dtype", "vec"),
+    [(1, 64, 64, 4, 16, 2, torch.float32, True), (7, 40, 24, 3, 4, 2, torch.float32, True),
+     (16, 36, 70, 5, 3, 5, torch.float32, False), (5, 64, 40, 64, 1, 2, torch.float32, False),
+     (3, 24, 33, 1, 1, 1, torch.float32, False), (7, 64, 48, 4, 8, 2, torch.float16, True),
+     (4, 48, 40, 3, 8, 3, torch.bfloat16, True), (2, 30, 20, 4, 5, 2, torch.bfloat16, False)],
+)  # fmt: skip
+def test_emulated_decode_matches_reference(emulated, T, d_in, d_out, E, r, k, dtype, vec):
+    a = _args(T, d_in, d_out, E, r, k, dtype)
+    _check(a, dtype, vec=vec, emulated=emulated)
+    if E * r <= 16:  # counters were left zero: a second launch works (cheap cases only)
+        _check(a, dtype, vec=vec, emulated=emulated)
+
+
+@pytest.mark.parametrize("normalize", ["topk", "full"])
+def test_emulated_bias_ids_calibration(emulated, normalize):
+    E = 8
+    pb = torch.randn(4, E) * 0.1
+    pb[1] = float("-inf")
+    pb[2] = float("-inf")
+    pb[2, 5] = 0.0
+    pb[3, ::2] = float("-inf")
+    ids = torch.tensor([0, 1, 2, 3, -1, 4, 1000])
+    a = _args(7, 40, 24, E, 4, 3, torch.float32, persona_bias=pb, persona_ids=ids,
+              calibration=torch.rand(E) + 0.5, temperature=0.7, normalize=normalize)  # fmt: skip
+    _, idx, gates, _ = _check(a, torch.float32)
+    assert idx[2].tolist() == [5, 0, 1] and gates[2, 1:].abs().sum() == 0
+    assert gates[1].abs().sum() == 0
+    a32 = a._replace(persona_ids=torch.tensor([3, 2, 1, 0, 7, -5, 2], dtype=torch.int32))
+    _check(a32, torch.float32)
+
+
+def test_emulated_fixed_mode(emulated):
+    w = torch.tensor([[0.5, 0.0, 0.5], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    ids = torch.tensor([0, 1, 2, -1, 3, 2, 0])
+    a = _args(7, 40, 24, 3, 4, 2, torch.float32, persona_weights=w, persona_ids=ids)
+    _check(a, torch.float32)
+
+
+def test_emulated_ties_and_strided_x(emulated):
+    E, r, d = 5, 4, 24
+    a = _args(3, d, 16, E, r, 2, torch.float32)
+    lora_a = a.lora_a[:1].expand(E, r, d).contiguous()
+    x = torch.randn(d, 3).t()  # inner stride 3: the launcher makes it contiguous
+    got = _check(a._replace(lora_a=lora_a, x=x), torch.float32)
+    assert got[1].tolist() == [[0, 1]] * 3
