@@ -119,6 +119,7 @@ class PersonaState:
         self.adhoc: tuple[Persona, ...] = ()
         self.ids: Tensor | None = None  # [B] row ids of the current requests (None: all row 0)
         self.current_rows: tuple[int, ...] | None = None
+        self.row_names: tuple[str | None, ...] = (None,)
         self.has_route = True
         self.has_fixed = False
         self.update_flags()
@@ -164,8 +165,7 @@ class PersonaState:
     def rows(self) -> tuple[Persona | None, ...]:
         return (None, *self.registered.values(), *self.adhoc)
 
-    @property
-    def row_names(self) -> tuple[str | None, ...]:
+    def _row_names(self) -> tuple[str | None, ...]:
         return tuple(None if p is None else p.name for p in self.rows)
 
     def row_fixed(self, row: Persona | None) -> bool:
@@ -206,6 +206,7 @@ class PersonaState:
     def update_flags(self) -> None:
         """``has_route`` / ``has_fixed``: which kinds of rows the current batch holds (host side)."""
         all_rows = self.rows
+        self.row_names = self._row_names()  # kept with each forward's routing record
         current = self.current_rows if self.current_rows is not None else (0,)
         kinds = [self.row_fixed(all_rows[r]) for r in current]
         self.has_fixed = any(kinds)

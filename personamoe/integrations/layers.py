@@ -135,7 +135,7 @@ class PersonaLayer(PersonaMoELinear):
             has_fixed = bool(self.pm_row_fixed is not None and st.rows and _any_fixed(st))
             has_route = True
         else:
-            rows_b = self._request_rows(st, lead)
+            rows_b = self._request_rows(st, lead, x.device)
             tok = None if rows_b is None else _per_token(rows_b, lead)
             has_fixed, has_route = st.has_fixed, st.has_route
         if st.routing == "sequence" and has_route:
@@ -158,11 +158,14 @@ class PersonaLayer(PersonaMoELinear):
         self._record(st, idx, gates, n, tok, ~fixed)
         return y
 
-    def _request_rows(self, st: PersonaState, lead: torch.Size) -> Tensor | None:
+    def _request_rows(
+        self, st: PersonaState, lead: torch.Size, device: torch.device
+    ) -> Tensor | None:
         ids = st.ids
         if ids is None:
             return None
-        ids = ids.to(self.weight.device)
+        if ids.device != device:  # models spread over devices
+            ids = ids.to(device)
         batch = lead[0] if len(lead) else 1
         n = ids.shape[0]
         if n != batch:
@@ -186,12 +189,16 @@ class PersonaLayer(PersonaMoELinear):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
         w = self.base_weight()
         cal = self._calibration()
-        # Persona ids and tables are built here, in range; only the shapes need checking, and
-        # only in eager mode (under torch.compile the op's fake implementation checks shapes, and
-        # dynamic=True turns the float options symbolic, which the host checks cannot read).
-        if not torch.compiler.is_compiling():
+        # Persona ids and tables are built here, in range, and the bank was checked when it was
+        # built: per call only ``x`` can be wrong. Cheap attribute checks first; the shared
+        # validator (which reads data, a host sync on GPUs) runs only to word an error. Under
+        # torch.compile the op's fake implementation checks shapes instead.
+        if not torch.compiler.is_compiling() and not (
+            x.dtype == w.dtype and x.device == w.device and x.dim() >= 1
+            and x.shape[-1] == self.in_features
+        ):  # fmt: skip
             check_layer_args(x, w, self.bias, self.lora_A, self.lora_B, self.scaling, self.top_k,
-                         self.temperature, self.normalize, cal, bias, None, None)  # fmt: skip
+                             self.temperature, self.normalize, cal, bias, None, None)  # fmt: skip
         return persona_moe_linear_scores(
             x, w, self.bias, self.lora_A, self.lora_B, self.scaling, self.top_k,
             self.temperature, self.normalize, cal, bias, tok, weights,
@@ -248,7 +255,8 @@ class PersonaLayer(PersonaMoELinear):
         rows: Tensor | None, routed: Tensor | None,
     ) -> None:  # fmt: skip
         if st.record and not torch.compiler.is_compiling():
-            self.pm_last = RoutingRecord(idx, gates, scores, rows, routed, st.row_names)
+            # A plain attribute: skip nn.Module.__setattr__'s parameter/buffer bookkeeping.
+            self.__dict__["pm_last"] = RoutingRecord(idx, gates, scores, rows, routed, st.row_names)
 
     # -- merged mode ---------------------------------------------------------------------------
     @torch.no_grad()
