@@ -139,7 +139,7 @@ def _check(a, dtype, *, vec=None, emulated=None):
 @pytest.mark.parametrize(
     ("T", "d_in", "d_out", "E", "r", "k", "dtype", "vec"),
     [(1, 64, 64, 4, 16, 2, torch.float32, True), (7, 40, 24, 3, 4, 2, torch.float32, True),
-     (16, 36, 70, 5, 3, 5, torch.float32, False), (5, 64, 40, 64, 1, 2, torch.float32, False),
+     (16, 36, 70, 5, 3, 5, torch.float32, False), (5, 64, 40, 64, 2, 2, torch.float32, False), (9, 44, 40, 7, 5, 3, torch.float32, False),
      (3, 24, 33, 1, 1, 1, torch.float32, False), (7, 64, 48, 4, 8, 2, torch.float16, True),
      (4, 48, 40, 3, 8, 3, torch.bfloat16, True), (2, 30, 20, 4, 5, 2, torch.bfloat16, False)],
 )  # fmt: skip

@@ -3,8 +3,8 @@
 // The base output x @ W^T + b is computed beside it (cuBLAS through torch) and passed in `y`; this
 // kernel adds the adapters' term in place. One grid of S + M blocks, roles taken by ticket (an
 // atomic counter read at block start, as in decoupled look-back scans) rather than by blockIdx:
-//   tickets [0, S):   shrink. Block s computes rows [4s, 4s+4) of h = x @ A^T for all T tokens
-//                     (fp32 accumulate) into a workspace. The last shrink block to finish (a second
+//   tickets [0, S):   shrink. Block s computes rows [16s, 16s+16) of h = x @ A^T for all T
+//                     tokens (fp32 accumulate; 2 rows per warp) into a workspace. The last shrink block to finish (a second
 //                     counter) routes every token: norms, calibration, persona bias (ids outside
 //                     [0, P) = no persona, never read), top-k with ties to the lower index, gates;
 //                     writes the op's outputs, coef = gate * scaling per (token, expert) and the
@@ -30,7 +30,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kRows = 4;   // rows of A per shrink block
+constexpr int kRowsPerWarp = 2;
+constexpr int kRows = kWarps * kRowsPerWarp;  // rows of A per shrink block (16)
 constexpr int kNOut = 32;  // outputs per mix block (one per lane)
 constexpr int kSmemFloats = kWarps * kMaxTokens * kMaxRank;  // 8192 floats = 32 KiB
 
@@ -83,21 +84,24 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 template <typename T, int V>
-__device__ void shrink_rows(const DecodeParams& p, int block, float* smem) {
+__device__ void shrink_rows(const DecodeParams& p, int block) {
+  // Warp w owns rows [16*block + 2w, +2); its lanes split d_in in 16-byte vectors. The 8 warps of
+  // a block read the same x vectors, so x comes from L2 once per 16 rows of A (then from L1).
   const int rows = p.E * p.r;
-  const int row0 = block * kRows;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row0 = block * kRows + warp * kRowsPerWarp;
   const T* a = static_cast<const T*>(p.a);
   const T* x = static_cast<const T*>(p.x);
-  float acc[kRows][kMaxTokens];
+  float acc[kRowsPerWarp][kMaxTokens];
 #pragma unroll
-  for (int rr = 0; rr < kRows; ++rr)
+  for (int rr = 0; rr < kRowsPerWarp; ++rr)
 #pragma unroll
     for (int t = 0; t < kMaxTokens; ++t) acc[rr][t] = 0.f;
   const int nvec = p.d_in / V;
-  for (int v = threadIdx.x; v < nvec; v += kThreads) {
-    float av[kRows][V];
+  for (int v = lane; v < nvec; v += 32) {
+    float av[kRowsPerWarp][V];
 #pragma unroll
-    for (int rr = 0; rr < kRows; ++rr) {
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
       const int row = min(row0 + rr, rows - 1);  // rows past the end are computed, not stored
       load_vec<T, V>(a + static_cast<int64_t>(row) * p.d_in + static_cast<int64_t>(v) * V, av[rr]);
     }
@@ -107,7 +111,7 @@ __device__ void shrink_rows(const DecodeParams& p, int block, float* smem) {
         float xv[V];
         load_vec<T, V>(x + t * p.x_stride + static_cast<int64_t>(v) * V, xv);
 #pragma unroll
-        for (int rr = 0; rr < kRows; ++rr) {
+        for (int rr = 0; rr < kRowsPerWarp; ++rr) {
           float s = 0.f;
 #pragma unroll
           for (int i = 0; i < V; ++i) s = fmaf(av[rr][i], xv[i], s);
@@ -116,24 +120,15 @@ __device__ void shrink_rows(const DecodeParams& p, int block, float* smem) {
       }
     }
   }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
-  for (int rr = 0; rr < kRows; ++rr)
+  for (int rr = 0; rr < kRowsPerWarp; ++rr)
 #pragma unroll
     for (int t = 0; t < kMaxTokens; ++t) {
-      const float s = warp_sum(acc[rr][t]);
-      if (lane == 0) smem[(warp * kRows + rr) * kMaxTokens + t] = s;
+      if (t < p.T) {  // warp-uniform
+        const float s = warp_sum(acc[rr][t]);
+        if (lane == 0 && row0 + rr < rows) p.h_ws[static_cast<int64_t>(t) * rows + row0 + rr] = s;
+      }
     }
-  __syncthreads();
-  for (int i = threadIdx.x; i < kRows * p.T; i += kThreads) {
-    const int rr = i / p.T, t = i % p.T;
-    const int row = row0 + rr;
-    if (row < rows) {
-      float s = 0.f;
-      for (int w = 0; w < kWarps; ++w) s += smem[(w * kRows + rr) * kMaxTokens + t];
-      p.h_ws[static_cast<int64_t>(t) * rows + row] = s;
-    }
-  }
 }
 
 // Scores, top-k and gates of every token, by one block (h read through L2: other blocks wrote it).
@@ -298,7 +293,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeParams p, int sh
   __syncthreads();
   const int ticket = s_ticket;
   if (ticket < shrink_blocks) {
-    shrink_rows<T, V>(p, ticket, smem);
+    shrink_rows<T, V>(p, ticket);
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0)
