@@ -17,7 +17,7 @@ import personamoe  # noqa: E402
 from personamoe.integrations.layers import PersonaConv1DLayer, PersonaLayer  # noqa: E402
 
 VOCAB = 64
-ARCHS = ("llama", "qwen2", "mistral", "gemma", "gpt2")
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2")
 LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -197,3 +197,19 @@ def test_target_modules_options(tmp_path):
         personamoe.inject(m1, ads, top_k=1)
     with pytest.raises(ValueError, match="top_k"):
         personamoe.inject(copy.deepcopy(base), ads, top_k=2)
+
+
+def test_half_precision_model_keeps_fp32_scalings(tmp_path):
+    base = tiny_model("llama")
+    ads = adapter_set(base, tmp_path, "llama")
+    ref = personamoe.inject(copy.deepcopy(base), ads, top_k=2)
+    half = copy.deepcopy(ref).to(torch.bfloat16)
+    layer = half.get_submodule("model.layers.0.self_attn.q_proj")
+    assert layer.lora_A.dtype == torch.bfloat16 and layer.weight.dtype == torch.bfloat16
+    ref_layer = ref.get_submodule("model.layers.0.self_attn.q_proj")
+    assert layer.scaling.dtype == torch.float32 and torch.equal(layer.scaling, ref_layer.scaling)
+    assert layer.pm_bias is not None and layer.pm_bias.dtype == torch.float32
+    ids = ids_batch()
+    want, got = logits(ref, ids), logits(half, ids)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
