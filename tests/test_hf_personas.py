@@ -229,3 +229,19 @@ def test_persona_errors(llama):
             assert st.ids is not None and st.ids.tolist() == [1]
         assert st.ids is not None and st.ids.tolist() == [0, 1]
     assert st.ids is None and st.adhoc == ()
+
+
+def test_layer_level_persona_ids(llama):
+    """A layer called directly takes per-token ids of the registered personas (-1 = none)."""
+    base, ads = llama
+    model = personamoe.inject(copy.deepcopy(base), ads, top_k=2)
+    personamoe.add_persona(model, personamoe.Persona("only_b", allow=["b"]))
+    personamoe.add_persona(model, personamoe.Persona("fix", weights={"a": 2.0}))
+    layer = model.get_submodule("model.layers.0.self_attn.v_proj")
+    x = torch.randn(3, 4, 32)
+    ids = torch.tensor([[0] * 4, [-1] * 4, [1] * 4])
+    with torch.no_grad():
+        got = layer(x, persona_ids=ids)
+        with personamoe.use_personas(model, ["only_b", None, "fix"]):
+            want = layer(x)
+    torch.testing.assert_close(got, want)

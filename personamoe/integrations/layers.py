@@ -239,7 +239,9 @@ class PersonaLayer(PersonaMoELinear):
         rows_b = tok.reshape(B, -1)[:, 0] if S else tok.new_zeros(B)
         cached = self.pm_seq_weights
         n_tok = None
-        if st.new_sequence or cached is None or cached.shape[0] != B:
+        # A new choice for new sequences (the root model's hook says so), and for any forward of
+        # several tokens per sequence (a prompt, also when a submodule is called directly).
+        if st.new_sequence or S > 1 or cached is None or cached.shape[0] != B:
             with torch.no_grad():
                 h = reference.shrink(x.reshape(-1, x.shape[-1]), self.lora_A)
                 n_tok = reference.scores(h, self._calibration()).reshape(B, S, -1)
