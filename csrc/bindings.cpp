@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <string>
 
 #include "layer.h"
 #include "routing.h"
@@ -96,6 +97,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("layer_forward", &layer_forward_py,
         "The fused adapter part of the layer (shrink, route, mix) added into y; see layer.h");
   m.def("shrink_only", &shrink_only_py, "h [T, rows] fp32 = x @ w^T with the layer's micro-kernel");
+  m.def(
+      "force_isa",
+      [](const std::string& name) -> py::object {
+        const char* got = personamoe::force_isa(name.c_str());
+        if (!got) return py::none();
+        return py::str(got);
+      },
+      "Switch the vectorised path (generic/avx2/avx512/best); None when the CPU lacks it");
   m.def("active_isa", &personamoe::active_isa, "The vectorised path in use: avx512, avx2 or generic");
   m.def("has_openmp", &has_openmp, "Whether the extension was built with OpenMP");
 }

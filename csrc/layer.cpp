@@ -3,6 +3,7 @@
 // parallel region (two barriers, no second fork). Routing reuses routing.cpp's per-token step.
 #include "layer.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -39,6 +40,15 @@ int cpu_level() {
   return 0;
 }
 
+Kernels kernels_for(int level) {
+#if defined(PERSONAMOE_X86_ISA)
+  if (level >= 2) return detail::kernels_avx512();
+  if (level == 1) return detail::kernels_avx2();
+#endif
+  (void)level;
+  return detail::kernels_generic();
+}
+
 Kernels pick_kernels() {
   int level = cpu_level();
   if (const char* env = std::getenv("PERSONAMOE_CPU_ISA")) {
@@ -48,16 +58,21 @@ Kernels pick_kernels() {
     if (std::strcmp(env, "avx512") == 0) want = 2;
     if (want < level) level = want;  // never above what the CPU supports
   }
-#if defined(PERSONAMOE_X86_ISA)
-  if (level == 2) return detail::kernels_avx512();
-  if (level == 1) return detail::kernels_avx2();
-#endif
-  return detail::kernels_generic();
+  return kernels_for(level);
 }
 
+// The kernels in use: chosen once, on first use; force_isa() may switch to an older path (tests).
+std::atomic<const Kernels*> g_kernels{nullptr};
+
 const Kernels& kernels() {
-  static const Kernels k = pick_kernels();
-  return k;
+  const Kernels* k = g_kernels.load(std::memory_order_acquire);
+  if (!k) {
+    static const Kernels picked = pick_kernels();
+    const Kernels* expected = nullptr;
+    g_kernels.compare_exchange_strong(expected, &picked);
+    k = g_kernels.load(std::memory_order_acquire);
+  }
+  return *k;
 }
 
 const float* persona_row(const LayerArgs& a, int64_t t) {
@@ -83,6 +98,18 @@ void static_range(int64_t n, int tid, int nt, int64_t* begin, int64_t* end) {
 }  // namespace
 
 const char* active_isa() { return kernels().name; }
+
+const char* force_isa(const char* name) {
+  static const Kernels generic = kernels_for(0), avx2 = kernels_for(1), avx512 = kernels_for(2);
+  const int level = cpu_level();
+  int want = level;
+  if (std::strcmp(name, "generic") == 0) want = 0;
+  else if (std::strcmp(name, "avx2") == 0) want = 1;
+  else if (std::strcmp(name, "avx512") == 0) want = 2;
+  if (want > level) return nullptr;
+  g_kernels.store(want == 0 ? &generic : (want == 1 ? &avx2 : &avx512), std::memory_order_release);
+  return active_isa();
+}
 
 void layer_forward(const LayerArgs& a) {
   const Kernels& K = kernels();

@@ -49,6 +49,11 @@ void layer_forward(const LayerArgs& args);
 // variable PERSONAMOE_CPU_ISA=generic|avx2|avx512, never above what the CPU supports).
 const char* active_isa();
 
+// Switch to the path `name` ("generic", "avx2", "avx512", or "best"), for tests and
+// measurements. Returns the path now active, or nullptr (nothing changed) when this CPU lacks it.
+// Not to be called while another thread runs layer_forward.
+const char* force_isa(const char* name);
+
 // Test hook: the shrink alone, h [T, rows] fp32 = x [T, d_in] @ w[rows, d_in]^T with this file's
 // micro-kernel (used to measure the base GEMM in-kernel against BLAS, and by the C++ tests).
 void shrink_only(DType dtype, const void* x, int64_t x_stride, const void* w, int64_t T,

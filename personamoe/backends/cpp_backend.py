@@ -139,7 +139,7 @@ def fused_forward(a: LayerArgs) -> LayerOutputs:
         cal.data_ptr() if cal is not None else 0,
         tab.data_ptr() if tab is not None else 0,
         tab.shape[0] if tab is not None else 0,
-        ids.data_ptr() if ids_code else 0, ids_code,
+        ids.data_ptr() if ids is not None and ids_code else 0, ids_code,
         1 if fixed else 0, float(a.temperature), _NORMALIZE_CODE[a.normalize],
         y.data_ptr(), y.stride(0), idx.data_ptr(), gates.data_ptr(), n.data_ptr(),
         torch.get_num_threads(),

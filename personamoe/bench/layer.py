@@ -152,7 +152,9 @@ def provider_masked(x: Tensor, w: WeightSet, top_k: int) -> Tensor:
     T, E, r = h.shape
     coeff = torch.zeros_like(h[:, :, 0]).scatter_(1, idx, gates) * w.scaling
     b_cat = w.lora_b.permute(0, 2, 1).reshape(E * r, -1)
-    return torch.addmm(F.linear(x, w.weight, w.bias), (h * coeff[:, :, None]).reshape(T, E * r), b_cat)
+    return torch.addmm(
+        F.linear(x, w.weight, w.bias), (h * coeff[:, :, None]).reshape(T, E * r), b_cat
+    )
 
 
 def provider_reference(x: Tensor, w: WeightSet, top_k: int) -> Tensor:
