@@ -19,6 +19,13 @@ Flow (token mode):
    dense wins while ``E*r < ~2k * F/BW``; below ``DENSE_MAX_TOKENS`` tokens a tile holds every
    token and the skip already reads only the chosen experts.
 
+Why not one pass of ``x`` against ``[W; A]`` stacked (base output and ``h`` together)? The mix
+needs the routing, which needs all of ``h``, so a stacked pass must write ``y`` and the mix must
+then read and write it again (``2*T*d_out`` elements), while it saves one read of ``x``
+(``T*d_in``); folding the mix into the base GEMM (``fused``) instead saves the ``y`` round trip and
+pays one extra read of ``x`` in the shrink. With ``d_in ~ d_out`` the fused form moves fewer bytes,
+so it is the one implemented; ``benchmarks/gpu_check.py`` measures it against the cuBLAS base.
+
 The thresholds are module constants (tests and ``benchmarks/gpu_check.py`` set ``MIX_REGIME`` and
 ``BASE_MODE`` to force a path); they are functions of shapes only, so each CUDA-graph capture fixes
 one path. Not measured on a GPU yet: ``benchmarks/gpu_check.py`` reports every variant.
