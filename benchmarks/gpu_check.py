@@ -19,7 +19,9 @@ still leaves what was done):
    (it flushes L2 between calls), weight sets rotated, and for T <= 16 also CUDA-graph replays
    (one graph holding one call per weight set). Each case gets its roofline time
    ``max(bytes / BW, FLOPs / rate)`` from the measured BW and rate.
-5. ``pytest``: ``tests/test_triton_kernels.py`` and ``tests/test_cuda_decode.py`` on the GPU if
+5. ``train``: forward + backward (the backward replays the reference through autograd) of
+   ``pm`` against ``base`` and ``masked`` at L256 and d=4096/T=4096.
+6. ``pytest``: ``tests/test_triton_kernels.py`` and ``tests/test_cuda_decode.py`` on the GPU if
    time is left.
 
 ``--smoke`` runs every code path on CPU under the Triton interpreter at tiny shapes (no graphs,
@@ -411,6 +413,39 @@ def bench_section(info: dict[str, Any], out: Path, budget: float) -> list[dict[s
     return rows
 
 
+def train_section(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """Forward + backward (grads of x, lora_a, lora_b; W frozen): the backward is the reference
+    replayed by autograd (personamoe/ops.py), timed against ``base`` and ``masked``."""
+    from personamoe.bench import layer as bl
+
+    dtype = torch.float32 if SMOKE else torch.bfloat16
+    cases = [("S16", 16, 64, 8, 16)] if SMOKE else [("L256", 256, 2048, 8, 16),
+                                                    ("G_T4096_E8_r16", 4096, 4096, 8, 16)]  # fmt: skip
+    rows = []
+    for name, T, d, E, r in cases:
+        lay = make_layer(T, d, d, E, r, dtype, seed=7)
+        w = bl.WeightSet(lay["weight"], lay["bias"], lay["lora_a"].requires_grad_(True),
+                         lay["lora_b"].requires_grad_(True), lay["scaling"])  # fmt: skip
+        x = lay["x"].requires_grad_(True)
+        gy = torch.randn(T, d, device=DEV, dtype=dtype)
+        row: dict[str, Any] = {"case": name, "ms": {}}
+        for pname, p in (("base", bl.provider_base), ("masked", bl.provider_masked),
+                         ("pm", bl.provider_personamoe)):  # fmt: skip
+
+            def step(p=p, x=x, w=w, gy=gy):
+                for t in (x, w.lora_a, w.lora_b):
+                    t.grad = None
+                p(x, w, 2).backward(gy)
+
+            try:
+                row["ms"][pname] = bench_ms(step)
+            except Exception as e:
+                row.setdefault("errors", {})[pname] = f"{type(e).__name__}: {e}"
+        rows.append(row)
+        log(f"train {name}: {row}")
+    return rows
+
+
 def graph_ms(p, sets, xs, k) -> float:
     """Milliseconds per call from replays of one CUDA graph that calls ``p`` once per weight set."""
     s = torch.cuda.Stream()
@@ -527,7 +562,19 @@ def main() -> int:
             RESULTS["bench_error"] = traceback.format_exc()
             log(RESULTS["bench_error"])
             bench = RESULTS.get("bench")
+    train = None
+    if "train" not in skip and time_left(args.budget) > 60:
+        try:
+            train = train_section(info)
+        except Exception:
+            RESULTS["train_error"] = traceback.format_exc()
+        RESULTS["train"] = train
+        save(out)
     md = markdown(info, corr, graphs, bench)
+    if train:
+        md += "\nForward + backward, ms (grads of x, lora_a, lora_b; W frozen):\n\n"
+        md += "\n".join(f"- {t['case']}: " + ", ".join(f"{p}={v:.4f}" for p, v in t["ms"].items())
+                        for t in train) + "\n"  # fmt: skip
     (out / "gpu_check.md").write_text(md)
     save(out)
     left = time_left(args.budget)
