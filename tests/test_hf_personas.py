@@ -245,3 +245,5 @@ def test_layer_level_persona_ids(llama):
         with personamoe.use_personas(model, ["only_b", None, "fix"]):
             want = layer(x)
     torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="persona_ids: expected ids in"):
+        layer(x, persona_ids=torch.full((3, 4), 2))

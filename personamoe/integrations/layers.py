@@ -145,9 +145,17 @@ class PersonaLayer(PersonaMoELinear):
         st = self.pm_state
         lead = x.shape[:-1]
         if persona_ids is not None:
-            tok: Tensor | None = persona_ids.to(device=x.device, dtype=torch.long) + 1
-            has_fixed = bool(self.pm_row_fixed is not None and st.rows and _any_fixed(st))
-            has_route = True
+            given = persona_ids.to(device=x.device, dtype=torch.long) + 1
+            n_rows = 1 + len(st.registered)
+            if not torch.compiler.is_compiling() and given.numel():
+                lo, hi = int(given.min()), int(given.max())
+                if lo < 0 or hi >= n_rows:
+                    raise ValueError(
+                        f"persona_ids: expected ids in [-1, {n_rows - 1}) (-1 = no persona, else "
+                        f"a registered persona's index), got {lo - 1 if lo < 0 else hi - 1}"
+                    )
+            tok: Tensor | None = given.expand(lead) if given.shape != lead else given
+            has_fixed, has_route = _any_fixed(st), True
         else:
             rows_b = self._request_rows(st, lead, x.device)
             tok = None if rows_b is None else _per_token(rows_b, lead)
