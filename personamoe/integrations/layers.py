@@ -154,7 +154,12 @@ class PersonaLayer(PersonaMoELinear):
                         f"persona_ids: expected ids in [-1, {n_rows - 1}) (-1 = no persona, else "
                         f"a registered persona's index), got {lo - 1 if lo < 0 else hi - 1}"
                     )
-            tok: Tensor | None = given.expand(lead) if given.shape != lead else given
+            # Per token (any shape holding one id per token), or broadcastable to the tokens.
+            tok: Tensor | None = (
+                given.reshape(lead)
+                if given.numel() == x.numel() // x.shape[-1]
+                else given.expand(lead)
+            )
             has_fixed, has_route = _any_fixed(st), True
         else:
             rows_b = self._request_rows(st, lead, x.device)
