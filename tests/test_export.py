@@ -147,3 +147,25 @@ def test_bank_disagreeing_with_section(folders: dict[str, Path], tmp_path: Path)
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ExportError, match=rf"ranks.{t}'.*disagrees with the bank"):
         load_exported(out)
+
+
+def test_vllm_layer_mapping_and_version_pin(folders: dict[str, Path]) -> None:
+    """The plugin's pure parts (no vLLM needed): fused vLLM layers map to the checkpoint's modules,
+    and any vLLM but the tested one is refused with a clear message."""
+    from personamoe.integrations.vllm.config import part_targets
+    from personamoe.integrations.vllm.version import TESTED_VLLM, check_vllm_version
+
+    sec = read_section(_good(folders), "config.json")
+    attn = "model.layers.1.self_attn"
+    assert part_targets(f"{attn}.qkv_proj", sec, fused=True) == tuple(
+        f"{attn}.{m}" for m in ("q_proj", "k_proj", "v_proj")
+    )
+    assert part_targets("model.layers.0.mlp.gate_up_proj", sec, fused=True) == (
+        "model.layers.0.mlp.gate_proj",
+        "model.layers.0.mlp.up_proj",
+    )
+    assert part_targets(f"{attn}.o_proj", sec, fused=False) == (f"{attn}.o_proj",)
+    assert part_targets("lm_head", sec, fused=False) == (None,)
+    check_vllm_version(TESTED_VLLM + "+cpu")
+    with pytest.raises(RuntimeError, match=r"tested with vLLM 0\.32\.0 only"):
+        check_vllm_version("0.33.0")
