@@ -11,8 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from personamoe.adapters import write_adapter
-from personamoe.integrations.hf import install_layers, merge
+from personamoe.integrations.hf import install_layers
 from personamoe.integrations.layers import PersonaConv1DLayer, persona_layers
+from personamoe.integrations.modes import merge
 from personamoe.personas import Persona, PersonaState, refresh, state_of
 
 __all__ = ["export_expert", "load_bank", "save_bank"]

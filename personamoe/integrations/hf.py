@@ -11,7 +11,6 @@ import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +21,9 @@ from personamoe import reference
 from personamoe.adapters import AdapterError, LoraAdapter, read_adapter
 from personamoe.integrations.layers import PersonaConv1DLayer, PersonaLayer, persona_layers
 from personamoe.nn import lora_scaling
-from personamoe.personas import Persona, PersonaState, refresh, state_of
+from personamoe.personas import PersonaState, refresh
 
-__all__ = [
-    "LayerRouting",
-    "RoutingStats",
-    "inject",
-    "merge",
-    "routing_stats",
-    "set_routing",
-    "unmerge",
-]
+__all__ = ["inject", "install_layers"]
 
 CALIBRATIONS = ("none", "frobenius")
 
@@ -339,6 +330,8 @@ def inject(
         layer.lora_B.requires_grad_(True)
     refresh(model)
     if routing == "merged":
+        from personamoe.integrations.modes import merge
+
         merge(model, state.default_weights)
     return model
 
@@ -357,145 +350,3 @@ def _fill(layer: PersonaLayer, per: Mapping[int, tuple[Tensor, Tensor, float, in
         layer.scaling[e] = s
         layer.pm_available[e] = True
         layer.pm_rank[e] = r
-
-
-# -- routing modes ---------------------------------------------------------------------------------
-def set_routing(model: nn.Module, routing: str) -> None:
-    """Switch an injected model between ``"token"``, ``"sequence"`` and ``"fixed"`` routing."""
-    if routing == "merged":
-        raise ValueError("routing: use personamoe.merge(model, weights) for the merged mode")
-    st = state_of(model)
-    st.set_routing(routing)
-    refresh(model)
-
-
-def _weight_vector(st: PersonaState, weights: Any) -> Tensor:
-    if isinstance(weights, Tensor):
-        if weights.shape != (len(st.experts),):
-            raise ValueError(
-                f"weights: expected shape [E={len(st.experts)}], got {list(weights.shape)}"
-            )
-        return weights.detach().float().cpu()
-    if isinstance(weights, str):
-        if weights not in st.registered:
-            raise ValueError(f"weights: {weights!r} is not a registered persona")
-        weights = st.registered[weights]
-    if isinstance(weights, Persona):
-        if weights.weights is None:
-            raise ValueError(
-                f"weights: Persona {weights.name!r} routes; merge needs a fixed mixture"
-            )
-        weights = weights.weights
-    if isinstance(weights, Mapping):
-        row = torch.zeros(len(st.experts))
-        for k, v in weights.items():
-            row[st.expert_index(str(k), "weights")] = float(v)
-        return row
-    raise TypeError(
-        "weights: expected a mapping expert -> weight, a fixed Persona, a registered persona name "
-        f"or an [E] tensor, got {type(weights).__name__}"
-    )
-
-
-def merge(model: nn.Module, weights: Any) -> nn.Module:
-    """Fold the fixed mixture ``sum_e w_e s_e B_e A_e`` into every base weight (merged mode: the
-    layers then run as plain linear layers). The original weights are kept; :func:`unmerge`
-    restores them bitwise."""
-    st = state_of(model)
-    w = _weight_vector(st, weights)
-    layers = [m for _, m in persona_layers(model)]
-    if any(layer.pm_merged for layer in layers):
-        raise ValueError("merge: the model is already merged; call personamoe.unmerge first")
-    for layer in layers:
-        layer.pm_merge(w)
-    return model
-
-
-def unmerge(model: nn.Module) -> nn.Module:
-    """Restore the base weights saved by :func:`merge` (bitwise) and route again."""
-    for _, layer in persona_layers(model):
-        layer.pm_unmerge()
-    st = state_of(model)
-    if st.routing == "merged":
-        st.set_routing("token")
-        refresh(model)
-    return model
-
-
-# -- routing statistics ----------------------------------------------------------------------------
-@dataclass
-class LayerRouting:
-    """One layer's last forward, per persona (``None`` = no persona)."""
-
-    counts: dict[str | None, Tensor]  # [E] int64: tokens that used each expert (gate > 0)
-    entropy: dict[str | None, float]  # mean over tokens of the gate entropy (nats)
-    tokens: dict[str | None, int]
-    loss: Tensor | None  # this layer's load-balancing loss (None: no routed token)
-
-
-@dataclass
-class RoutingStats:
-    """:func:`routing_stats`' answer; ``loss`` sums the layers' load-balancing losses."""
-
-    experts: tuple[str, ...]
-    layers: dict[str, LayerRouting]
-    loss: Tensor
-
-    def usage(self, persona: str | None = None) -> dict[str, int]:
-        """Expert usage of ``persona`` summed over layers, by expert name."""
-        total = torch.zeros(len(self.experts), dtype=torch.long)
-        for lr in self.layers.values():
-            if persona in lr.counts:
-                total += lr.counts[persona]
-        return {e: int(c) for e, c in zip(self.experts, total, strict=True)}
-
-
-def routing_stats(model: nn.Module, *, alpha: float = 0.01) -> RoutingStats:
-    """Per layer and persona: expert usage counts and gate entropy of the last forward, and the
-    load-balancing loss ``alpha * E * sum_e f_e P_e`` summed over layers (differentiable, for
-    training; see :func:`personamoe.reference.load_balancing_loss`)."""
-    st = state_of(model)
-    E = len(st.experts)
-    layers: dict[str, LayerRouting] = {}
-    total: Tensor | None = None
-    for name, layer in persona_layers(model):
-        rec = layer.pm_last
-        if rec is None:
-            continue
-        idx = rec.topk_idx.reshape(-1, rec.topk_idx.shape[-1]).long()
-        gates = rec.topk_gates.reshape(-1, rec.topk_gates.shape[-1]).detach().float()
-        rows = (rec.rows.reshape(-1).to(idx.device) if rec.rows is not None
-                else torch.zeros(idx.shape[0], dtype=torch.long, device=idx.device))  # fmt: skip
-        if rows.numel() == 1 and idx.shape[0] != 1:
-            rows = rows.expand(idx.shape[0])
-        counts: dict[str | None, Tensor] = {}
-        entropy: dict[str | None, float] = {}
-        tokens: dict[str | None, int] = {}
-        for r in torch.unique(rows).tolist():
-            sel = rows == r
-            i, g = idx[sel], gates[sel]
-            used = g > 0
-            key = rec.row_names[r] if 0 <= r < len(rec.row_names) else None
-            counts[key] = torch.bincount(i[used], minlength=E).cpu()
-            ent = -(torch.where(used, g * torch.log(g.clamp_min(1e-30)), 0.0)).sum(-1)
-            entropy[key] = float(ent.mean()) if ent.numel() else 0.0
-            tokens[key] = int(sel.sum())
-        loss = None
-        if rec.scores is not None:
-            n = rec.scores.reshape(-1, E)
-            sidx = rec.topk_idx.reshape(-1, rec.topk_idx.shape[-1])
-            if rec.routed is not None:
-                keep = rec.routed.reshape(-1)
-                n, sidx = n[keep], sidx[keep]
-            if n.shape[0]:
-                loss = reference.load_balancing_loss(n, sidx, alpha=alpha)
-                total = loss if total is None else total + loss
-        layers[name] = LayerRouting(counts, entropy, tokens, loss)
-    if not layers:
-        raise ValueError(
-            "routing_stats: no routing recorded yet (run a forward first; compiled forwards do not "
-            "record)"
-        )
-    if total is None:
-        total = torch.zeros(())
-    return RoutingStats(st.experts, layers, total)

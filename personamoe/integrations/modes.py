@@ -1,0 +1,78 @@
+"""Routing modes of an injected model: switch between ``token`` / ``sequence`` / ``fixed``
+(:func:`set_routing`), or fold a fixed mixture into the base weights (:func:`merge`, ``merged``)
+and restore them bitwise (:func:`unmerge`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from personamoe.integrations.layers import persona_layers
+from personamoe.personas import Persona, PersonaState, refresh, state_of
+
+__all__ = ["merge", "set_routing", "unmerge"]
+
+
+def set_routing(model: nn.Module, routing: str) -> None:
+    """Switch an injected model between ``"token"``, ``"sequence"`` and ``"fixed"`` routing."""
+    if routing == "merged":
+        raise ValueError("routing: use personamoe.merge(model, weights) for the merged mode")
+    st = state_of(model)
+    st.set_routing(routing)
+    refresh(model)
+
+
+def _weight_vector(st: PersonaState, weights: Any) -> Tensor:
+    if isinstance(weights, Tensor):
+        if weights.shape != (len(st.experts),):
+            raise ValueError(
+                f"weights: expected shape [E={len(st.experts)}], got {list(weights.shape)}"
+            )
+        return weights.detach().float().cpu()
+    if isinstance(weights, str):
+        if weights not in st.registered:
+            raise ValueError(f"weights: {weights!r} is not a registered persona")
+        weights = st.registered[weights]
+    if isinstance(weights, Persona):
+        if weights.weights is None:
+            raise ValueError(
+                f"weights: Persona {weights.name!r} routes; merge needs a fixed mixture"
+            )
+        weights = weights.weights
+    if isinstance(weights, Mapping):
+        row = torch.zeros(len(st.experts))
+        for k, v in weights.items():
+            row[st.expert_index(str(k), "weights")] = float(v)
+        return row
+    raise TypeError(
+        "weights: expected a mapping expert -> weight, a fixed Persona, a registered persona name "
+        f"or an [E] tensor, got {type(weights).__name__}"
+    )
+
+
+def merge(model: nn.Module, weights: Any) -> nn.Module:
+    """Fold the fixed mixture ``sum_e w_e s_e B_e A_e`` into every base weight (merged mode: the
+    layers then run as plain linear layers). The original weights are kept; :func:`unmerge`
+    restores them bitwise."""
+    st = state_of(model)
+    w = _weight_vector(st, weights)
+    layers = [m for _, m in persona_layers(model)]
+    if any(layer.pm_merged for layer in layers):
+        raise ValueError("merge: the model is already merged; call personamoe.unmerge first")
+    for layer in layers:
+        layer.pm_merge(w)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Restore the base weights saved by :func:`merge` (bitwise) and route again."""
+    for _, layer in persona_layers(model):
+        layer.pm_unmerge()
+    st = state_of(model)
+    if st.routing == "merged":
+        st.set_routing("token")
+        refresh(model)
+    return model
