@@ -247,3 +247,29 @@ def test_layer_level_persona_ids(llama):
     torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="persona_ids: expected ids in"):
         layer(x, persona_ids=torch.full((3, 4), 2))
+
+
+def test_one_op_call_per_layer_whatever_the_personas(llama, monkeypatch):
+    """Requests with different personas share one fused op call per layer (no loop over requests
+    or adapters); the op receives per-token persona rows [batch, seq] and the [P, E] table."""
+    import personamoe.integrations.layers as L
+
+    base, ads = llama
+    model = personamoe.inject(copy.deepcopy(base), ads, top_k=2)
+    n_layers = sum(isinstance(m, PersonaLayer) for m in model.modules())
+    calls = []
+    real = L.persona_moe_linear_scores
+
+    def counting(x, *args):
+        calls.append((tuple(x.shape), args[-3], args[-2]))  # x, persona_bias, persona_ids
+        return real(x, *args)
+
+    monkeypatch.setattr(L, "persona_moe_linear_scores", counting)
+    personas = [personamoe.Persona(f"p{i}", allow=[n, "a"]) for i, n in enumerate("abc")]
+    with torch.no_grad(), personamoe.use_personas(model, [*personas, None, personas[0]]):
+        model(input_ids=ids_batch(batch=5, seq=3))
+    assert len(calls) == n_layers
+    for shape, table, ids in calls:
+        assert shape[:2] == (5, 3)
+        assert ids is not None and tuple(ids.shape) == (5, 3)
+        assert table is not None and tuple(table.shape) == (1 + 3, 3)  # no-persona row + 3
