@@ -116,6 +116,12 @@ def test_mixed_fixed_and_routed_rows(llama):
     ids = ids_batch(batch=3, seq=5)
     with personamoe.use_personas(model, rows):
         got = logits(model, ids)
+    stats_rows = personamoe.routing_stats(model)  # of the last forward: the mixed batch
+    down = stats_rows.layers["model.layers.1.mlp.down_proj"]  # a and c present, b absent
+    assert down.counts["fixed"].tolist() == [5, 0, 5]  # the mixture uses both, every token
+    assert down.entropy["fixed"] == pytest.approx(-(0.8 * math.log(0.8) + 0.2 * math.log(0.2)))
+    assert down.tokens == {"fixed": 5, None: 5, "ab": 5}
+    assert int(down.counts["ab"][2]) == 0 and int(down.counts["ab"].sum()) == 5  # only a there
     for i, p in enumerate(rows):
         with personamoe.use_personas(model, p):
             torch.testing.assert_close(

@@ -18,8 +18,8 @@ __all__ = ["LayerRouting", "RoutingStats", "routing_stats"]
 class LayerRouting:
     """One layer's last forward, per persona (``None`` = no persona)."""
 
-    counts: dict[str | None, Tensor]  # [E] int64: tokens that used each expert (gate > 0)
-    entropy: dict[str | None, float]  # mean over tokens of the gate entropy (nats)
+    counts: dict[str | None, Tensor]  # [E] int64: tokens that used each expert (gate != 0)
+    entropy: dict[str | None, float]  # mean over tokens of the entropy (nats) of |gates| / sum
     tokens: dict[str | None, int]
     loss: Tensor | None  # this layer's load-balancing loss (None: no routed token)
 
@@ -65,10 +65,11 @@ def routing_stats(model: nn.Module, *, alpha: float = 0.01) -> RoutingStats:
         for r in torch.unique(rows).tolist():
             sel = rows == r
             i, g = idx[sel], gates[sel]
-            used = g > 0
+            used = g != 0  # routed: empty slots have gate 0; fixed: weights may be negative
             key = rec.row_names[r] if 0 <= r < len(rec.row_names) else None
             counts[key] = torch.bincount(i[used], minlength=E).cpu()
-            ent = -(torch.where(used, g * torch.log(g.clamp_min(1e-30)), 0.0)).sum(-1)
+            p = g.abs() / g.abs().sum(-1, keepdim=True).clamp_min(1e-30)
+            ent = -(torch.where(p > 0, p * torch.log(p.clamp_min(1e-30)), 0.0)).sum(-1)
             entropy[key] = float(ent.mean()) if ent.numel() else 0.0
             tokens[key] = int(sel.sum())
         loss = None
