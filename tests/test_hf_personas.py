@@ -155,6 +155,16 @@ def test_sequence_routing_matches_pooled_math():
     assert rec is not None
     chosen = rec.topk_idx.sort(-1).values
     assert torch.equal(chosen, chosen[:, :1].expand_as(chosen))  # one choice per sequence
+    # A persona's allow set and bias apply to the pooled scores.
+    allow = personamoe.Persona("two", allow=["expert_2", "expert_3"], bias={"expert_3": 50.0})
+    with torch.no_grad(), personamoe.use_personas(net, [allow, None, allow]):
+        net(x)
+    rec = layer.pm_last
+    assert rec is not None
+    assert (
+        set(rec.topk_idx[0].flatten().tolist()) == {2, 3} == set(rec.topk_idx[2].flatten().tolist())
+    )
+    assert bool((rec.topk_gates[0, :, 0] > 0.99).all())  # the bias makes expert 3 dominate
 
 
 def test_sequence_routing_keeps_prompt_choice_while_decoding(llama):
