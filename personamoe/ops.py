@@ -142,8 +142,16 @@ def _backward(
     ) = ctx.saved_tensors
     wants = ctx.needs_input_grad
     diff_inputs = {0: x, 1: weight, 2: bias, 3: lora_a, 4: lora_b}
-    targets = {i: t for i, t in diff_inputs.items() if t is not None and wants[i]}
     grads: list[Tensor | None] = [None] * 13
+    # The base term x W^T + b is linear: its gradients are one GEMM each, so the replay below
+    # leaves it out (replaying it would cost a full forward base GEMM per backward).
+    if wants[1]:
+        grads[1] = (grad_y.t().to(x.dtype) @ x).to(weight.dtype)
+    if bias is not None and wants[2]:
+        grads[2] = grad_y.sum(dim=0).to(bias.dtype)
+    targets = {
+        i: t for i, t in diff_inputs.items() if i in (0, 3, 4) and t is not None and wants[i]
+    }
     if not targets:
         return tuple(grads)
     with torch.enable_grad():
@@ -165,6 +173,7 @@ def _backward(
             persona_ids=persona_ids,
             persona_weights=persona_weights,
             topk_idx=topk_idx,
+            base=False,
         )
         outs, douts = [y], [grad_y]
         for out, g in ((gates, grad_gates), (n, grad_scores)):
@@ -174,6 +183,9 @@ def _backward(
         got = torch.autograd.grad(outs, list(leaves.values()), douts, allow_unused=True)
     for i, g in zip(leaves, got, strict=True):
         grads[i] = g if g is not None else torch.zeros_like(leaves[i])
+    if wants[0]:
+        base_gx = grad_y.to(weight.dtype) @ weight
+        grads[0] = base_gx.to(x.dtype) if grads[0] is None else grads[0] + base_gx.to(x.dtype)
     return tuple(grads)
 
 

@@ -152,20 +152,25 @@ def persona_moe_linear_full(
     persona_ids: Tensor | None = None,
     persona_weights: Tensor | None = None,
     topk_idx: Tensor | None = None,
+    base: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The whole layer on 2-D ``x``: ``(y, topk_idx int32, topk_gates, scores)``.
 
     ``scores`` is ``n [T, E]`` in token mode and the token's weight row in fixed mode. Passing
     ``topk_idx`` replays a routing decision already made (the backward pass uses this so that the
-    choice, which has no gradient, is exactly the forward one).
+    choice, which has no gradient, is exactly the forward one). ``base=False`` leaves out
+    ``x W^T + b``: ``y`` is the adapter term alone.
     """
     cdt = compute_dtype(x.dtype)
     T = x.shape[0]
     E = lora_a.shape[0]
     k = min(top_k, E)
-    y = x.to(cdt) @ weight.to(cdt).t()
-    if bias is not None:
-        y = y + bias.to(cdt)
+    if base:
+        y = x.to(cdt) @ weight.to(cdt).t()
+        if bias is not None:
+            y = y + bias.to(cdt)
+    else:  # the adapter term alone (the op's backward adds the base's gradient analytically)
+        y = x.new_zeros((), dtype=cdt)
     h = shrink(x, lora_a)
     if persona_weights is not None:
         w = persona_rows(persona_weights.to(cdt), persona_ids, T)
