@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,7 @@ __all__ = ["export_expert", "load_bank", "save_bank"]
 BANK_CONFIG = "personamoe_bank.json"
 BANK_WEIGHTS = "personamoe_bank.safetensors"
 _FORMAT = "personamoe-bank/1"
+M = TypeVar("M", bound=nn.Module)
 _TENSORS = ("lora_A", "lora_B", "scaling", "calibration", "pm_available", "pm_rank")
 
 
@@ -65,7 +66,7 @@ def save_bank(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
-def load_bank(model: nn.Module, path: str | Path, *, freeze_base: bool = True) -> nn.Module:
+def load_bank(model: M, path: str | Path, *, freeze_base: bool = True) -> M:
     """Inject the bank saved by :func:`save_bank` into the base ``model`` (in place; returned)."""
     from safetensors.torch import load_file
 

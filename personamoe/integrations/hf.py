@@ -12,7 +12,7 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,7 @@ from personamoe.personas import PersonaState, refresh
 __all__ = ["inject", "install_layers"]
 
 CALIBRATIONS = ("none", "frobenius")
+M = TypeVar("M", bound=nn.Module)
 
 
 def _conv1d_type() -> type | None:
@@ -194,7 +195,7 @@ def _check_options(
 
 
 def inject(
-    model: nn.Module,
+    model: M,
     adapters: Mapping[str, str | Path] | int,
     *,
     target_modules: str | Sequence[str] | None = None,
@@ -209,7 +210,7 @@ def inject(
     weights: Mapping[str, float] | None = None,
     freeze_base: bool = True,
     init_lora_weights: bool = True,
-) -> nn.Module:
+) -> M:
     """Turn the target linear layers of ``model`` into persona-MoE layers, in place; returns ``model``.
 
     Args:

@@ -5,7 +5,7 @@ and restore them bitwise (:func:`unmerge`)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,8 @@ from personamoe.integrations.layers import persona_layers
 from personamoe.personas import Persona, PersonaState, refresh, state_of
 
 __all__ = ["merge", "set_routing", "unmerge"]
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def set_routing(model: nn.Module, routing: str) -> None:
@@ -53,7 +55,7 @@ def _weight_vector(st: PersonaState, weights: Any) -> Tensor:
     )
 
 
-def merge(model: nn.Module, weights: Any) -> nn.Module:
+def merge(model: M, weights: Any) -> M:
     """Fold the fixed mixture ``sum_e w_e s_e B_e A_e`` into every base weight (merged mode: the
     layers then run as plain linear layers). The original weights are kept; :func:`unmerge`
     restores them bitwise."""
@@ -67,7 +69,7 @@ def merge(model: nn.Module, weights: Any) -> nn.Module:
     return model
 
 
-def unmerge(model: nn.Module) -> nn.Module:
+def unmerge(model: M) -> M:
     """Restore the base weights saved by :func:`merge` (bitwise) and route again."""
     for _, layer in persona_layers(model):
         layer.pm_unmerge()
