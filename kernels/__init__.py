@@ -1,1 +1,11 @@
-"""Triton kernels of personamoe, shipped as ``personamoe.kernels`` (never a top-level package)."""
+"""Triton kernels of personamoe, shipped as ``personamoe.kernels`` (never a top-level package).
+
+- ``shrink_route.py``: ``_shrink_kernel`` (h = x @ A^T over all experts, split-K at small T) and
+  ``_route_kernel`` (norms, calibration, persona bias, top-k, gates, per-expert coefficients);
+- ``mix.py``: ``_linear_mix_kernel`` (dense-masked mix, optionally fused into the base GEMM, plus the
+  grouped regime's epilogue) and ``_grouped_expand_kernel`` (pairs sorted by expert);
+- ``launchers.py``: ``persona_moe_linear(LayerArgs)``, the Triton backend's whole layer, and the
+  documented path heuristics (``MIX_REGIME``, ``BASE_MODE`` and their thresholds).
+
+Importing this package imports Triton; ``import personamoe`` never does (backends load it lazily).
+"""
