@@ -1,7 +1,7 @@
 """The ``triton`` backend (GPU; on CPU only under ``TRITON_INTERPRET=1`` and only when named).
 
-The fused kernels live in ``personamoe.kernels`` (shipped from ``kernels/``); until they land this
-backend reports itself unavailable instead of pretending.
+The kernels live in ``personamoe.kernels`` (shipped from ``kernels/``); the whole layer is
+``personamoe.kernels.launchers.persona_moe_linear``. Unavailable when Triton is not installed.
 """
 
 from __future__ import annotations
