@@ -7,6 +7,7 @@ checkpoint loads unchanged; the bank is stacked: ``lora_A [E, r, d_in]``, ``lora
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -90,6 +91,19 @@ class PersonaMoELinear(nn.Module):
         self.record_routing = record_routing
         self.last_routing: tuple[Tensor, Tensor] | None = None
         self.last_scores: Tensor | None = None
+
+    # Buffers that stay fp32 whatever dtype the module is cast to: the op accumulates in fp32, and
+    # rsLoRA's alpha/sqrt(r) or a persona bias would round in bf16. They only follow the device.
+    fp32_buffers: tuple[str, ...] = ("scaling", "calibration", "persona_bias", "persona_weights")
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PersonaMoELinear:
+        keep = {n: t for n in self.fp32_buffers if (t := self._buffers.get(n)) is not None}
+        super()._apply(fn, recurse)
+        for n, t in keep.items():
+            moved = self._buffers[n]
+            if moved is not None and moved.dtype != t.dtype:
+                self._buffers[n] = t.to(device=moved.device)
+        return self
 
     # -- construction ------------------------------------------------------------------------
     def _init_base(self) -> None:

@@ -138,3 +138,14 @@ def test_training_step_reaches_the_bank_only_when_base_frozen():
     assert layer.weight.grad is None and layer.bias.grad is None
     assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
     assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_scaling_and_tables_stay_fp32_when_the_module_is_cast():
+    layer = personamoe.PersonaMoELinear(8, 8, 3, 4, lora_alpha=7, use_rslora=True)
+    layer.set_persona_bias(torch.tensor([[0.1, 0.2, 0.3]]))
+    exact = layer.scaling.clone()
+    layer.to(torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.bfloat16
+    assert layer.scaling.dtype == torch.float32 and torch.equal(layer.scaling, exact)
+    assert layer.calibration.dtype == torch.float32
+    assert layer.persona_bias is not None and layer.persona_bias.dtype == torch.float32

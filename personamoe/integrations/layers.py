@@ -10,7 +10,7 @@ folds its availability mask into its own persona bias table (``-inf`` in every r
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,6 @@ from personamoe.ops import persona_moe_linear_scores
 from personamoe.personas import PersonaState
 
 __all__ = ["PersonaConv1DLayer", "PersonaLayer", "RoutingRecord", "persona_layers"]
-
-_FP32_BUFFERS = ("scaling", "calibration", "pm_bias", "pm_weights")
 
 
 class RoutingRecord(NamedTuple):
@@ -40,6 +38,8 @@ class RoutingRecord(NamedTuple):
 
 class PersonaLayer(PersonaMoELinear):
     """A persona-MoE layer wrapping an ``nn.Linear`` of a model (see the module docstring)."""
+
+    fp32_buffers = ("scaling", "calibration", "pm_bias", "pm_weights")
 
     pm_available: Tensor
     pm_rank: Tensor
@@ -88,18 +88,6 @@ class PersonaLayer(PersonaMoELinear):
         self.pm_saved_weight = None
         self.pm_seq_weights = None
         self.pm_last = None
-        return self
-
-    def _apply(self, fn: Any, recurse: bool = True) -> PersonaLayer:
-        # model.to(dtype) / .half() cast floating buffers too; the scalings, calibrations and
-        # persona tables stay fp32 (the op accumulates in fp32; rsLoRA's alpha/sqrt(r) or a bias
-        # would round in bf16) and only follow the device.
-        keep = {n: t for n in _FP32_BUFFERS if (t := self._buffers.get(n)) is not None}
-        super()._apply(fn, recurse)
-        for n, t in keep.items():
-            moved = self._buffers[n]
-            if moved is not None and moved.dtype != t.dtype:
-                self._buffers[n] = t.to(device=moved.device)
         return self
 
     # -- the base layer ------------------------------------------------------------------------
