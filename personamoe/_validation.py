@@ -130,8 +130,10 @@ def check_layer_args(
         raise TypeError(f"top_k: expected an int, got {type(top_k).__name__}")
     if not 1 <= top_k <= E:
         raise ValueError(f"top_k: expected 1 <= top_k <= E = {E}, got {top_k}")
-    if not isinstance(temperature, (int, float)) or not (
-        math.isfinite(temperature) and temperature > 0
+    # Under torch.compile(dynamic=True) a float may arrive symbolic: its value is checked in eager.
+    if not _is_tracing() and (
+        not isinstance(temperature, (int, float))
+        or not (math.isfinite(temperature) and temperature > 0)
     ):
         raise ValueError(f"temperature: expected a finite float > 0, got {temperature!r}")
     if normalize not in NORMALIZE_MODES:
