@@ -1,0 +1,145 @@
+"""vLLM throughput with the personamoe plugin against vLLM without adapters and vLLM with one LoRA.
+
+Run in the vLLM venv (``.venv-vllm``, see ``.ci/run``)::
+
+    python benchmarks/bench_vllm.py [--layers 4] [--new-tokens 64] [--repeats 3] [--out DIR]
+
+One invocation builds a random Llama of the standard model case M's shape (DESIGN.md §3: hidden
+1024, intermediate 2816, 16 heads, 4 KV heads, vocab 32000; ``--layers`` of them, 8 in case M),
+eight random persona adapters (r=16, all seven projections) exported with top_k=2, and one random
+LoRA of the same rank. Each provider then runs in its own vLLM engine (a subprocess; vLLM's CPU
+build, fp32, eager): a warm-up, then ``--repeats`` timed batches of 8 requests (prompt 64 tokens,
+``--new-tokens`` greedy tokens each, EOS ignored). Reported: median tokens/s over the repeats and
+the ratios to the no-adapter engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH = 8
+PROMPT = 64
+
+
+def build(root: Path, layers: int) -> dict[str, Path]:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from personamoe.adapters import write_adapter
+    from personamoe.integrations.export import export
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests_vllm"))
+    import tiny  # the locally built tokenizer (no downloads)
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
+                      num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
+                      max_position_embeddings=512, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    base = root / "base"
+    LlamaForCausalLM(cfg).save_pretrained(str(base), safe_serialization=True)
+    tiny.build_tokenizer(base)
+    d, f, kv = 1024, 2816, 4 * 64
+    shapes = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
+              "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+
+    def adapter(path: Path) -> Path:
+        modules = {}
+        for i in range(layers):
+            for m, (d_in, d_out) in shapes.items():
+                part = "self_attn" if m in tiny.ATTN else "mlp"
+                a = torch.randn(16, d_in, generator=g) / d_in**0.5
+                b = torch.randn(d_out, 16, generator=g) * 0.02
+                modules[f"model.layers.{i}.{part}.{m}"] = (a, b, 2.0)
+        return write_adapter(path, modules, base_model_name_or_path=str(base))
+
+    experts = {f"p{e}": adapter(root / "adapters" / f"p{e}") for e in range(8)}
+    lora = adapter(root / "lora")
+    out = export(base, experts, root / "export", top_k=2)
+    return {"base": base, "lora": lora, "export": out}
+
+
+def worker(model: str, lora: str | None, new_tokens: int, repeats: int) -> dict[str, object]:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    kwargs: dict[str, object] = {}
+    if lora:
+        kwargs = {"enable_lora": True, "max_loras": 1, "max_lora_rank": 16}
+    # On CPU this is the share of RAM vLLM reserves (weights + KV cache); 0.1 is too little here.
+    llm = LLM(model=model, enforce_eager=True, dtype="float32", gpu_memory_utilization=0.3,
+              max_model_len=512, seed=0, enable_prefix_caching=False, **kwargs)  # fmt: skip
+    sp = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
+    prompts = [TokensPrompt(prompt_token_ids=[1] + [3 + (7 * i + 5 * j) % 120 for j in range(PROMPT - 1)])
+               for i in range(BATCH)]  # fmt: skip
+    req = LoRARequest("lora", 1, lora) if lora else None
+    llm.generate(prompts, sp, lora_request=req, use_tqdm=False)  # warm-up
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, sp, lora_request=req, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / dt)
+    return {"tokens_per_s": rates}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None, help="keep the built checkpoints here (default: temp)")
+    p.add_argument("--worker", nargs=2, metavar=("MODEL", "LORA"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        model, lora = args.worker
+        res = worker(model, lora if lora != "-" else None, args.new_tokens, args.repeats)
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+
+    tmp = tempfile.TemporaryDirectory() if args.out is None else None
+    root = Path(args.out or tmp.name)  # type: ignore[union-attr]
+    root.mkdir(parents=True, exist_ok=True)
+    paths = build(root, args.layers)
+    runs = {
+        "vllm (no adapters)": (paths["base"], None),
+        "vllm + 1 LoRA": (paths["base"], paths["lora"]),
+        "vllm + personamoe (E=8, r=16, k=2)": (paths["export"], None),
+    }
+    results: dict[str, float] = {}
+    for name, (model, lora) in runs.items():
+        cmd = [sys.executable, __file__, "--worker", str(model), str(lora or "-"),
+               "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+        if proc.returncode != 0:
+            print(proc.stderr[-6000:], file=sys.stderr)
+            raise SystemExit(f"{name}: the vLLM engine failed (exit {proc.returncode})")
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+        rates = json.loads(line[len("RESULT ") :])["tokens_per_s"]
+        results[name] = statistics.median(rates)
+        print(
+            f"{name:40s} {results[name]:8.1f} tokens/s  (runs: {', '.join(f'{r:.1f}' for r in rates)})"
+        )
+    floor = results["vllm (no adapters)"]
+    print(
+        f"\nbatch {BATCH} requests, prompt {PROMPT}, {args.new_tokens} new tokens, {args.layers} layers"
+    )
+    for name, rate in results.items():
+        print(f"{name:40s} {rate / floor:6.3f} x the no-adapter throughput")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
