@@ -9,8 +9,8 @@ One invocation builds a random Llama of the standard model case M's shape (DESIG
 eight random persona adapters (r=16, all seven projections) exported with top_k=2, and one random
 LoRA of the same rank. Each provider then runs in its own vLLM engine (a subprocess; vLLM's CPU
 build, fp32, eager): a warm-up, then ``--repeats`` timed batches of 8 requests (prompt 64 tokens,
-``--new-tokens`` greedy tokens each, EOS ignored). Reported: median tokens/s over the repeats and
-the ratios to the no-adapter engine.
+``--new-tokens`` greedy tokens each, EOS ignored); ``--rounds`` alternate the providers' engines.
+Reported: median tokens/s over all timed batches and the ratios to the no-adapter engine.
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2, help="engine starts per provider, alternating")
     p.add_argument("--out", default=None, help="keep the built checkpoints here (default: temp)")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "LORA"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -116,20 +117,24 @@ def main() -> int:
         "vllm + 1 LoRA": (paths["base"], paths["lora"]),
         "vllm + personamoe (E=8, r=16, k=2)": (paths["export"], None),
     }
-    results: dict[str, float] = {}
-    for name, (model, lora) in runs.items():
-        cmd = [sys.executable, __file__, "--worker", str(model), str(lora or "-"),
-               "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
-        if proc.returncode != 0:
-            print(proc.stderr[-6000:], file=sys.stderr)
-            raise SystemExit(f"{name}: the vLLM engine failed (exit {proc.returncode})")
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-        rates = json.loads(line[len("RESULT ") :])["tokens_per_s"]
-        results[name] = statistics.median(rates)
-        print(
-            f"{name:40s} {results[name]:8.1f} tokens/s  (runs: {', '.join(f'{r:.1f}' for r in rates)})"
-        )
+    all_rates: dict[str, list[float]] = {name: [] for name in runs}
+    for rnd in range(args.rounds):  # providers alternate, so that drift hits them alike
+        for name, (model, lora) in runs.items():
+            cmd = [sys.executable, __file__, "--worker", str(model), str(lora or "-"),
+                   "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+            if proc.returncode != 0:
+                print(proc.stderr[-6000:], file=sys.stderr)
+                raise SystemExit(f"{name}: the vLLM engine failed (exit {proc.returncode})")
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+            rates = json.loads(line[len("RESULT ") :])["tokens_per_s"]
+            all_rates[name] += rates
+            shown = ", ".join(f"{r:.1f}" for r in rates)
+            print(f"round {rnd}: {name:40s} {shown} tokens/s", flush=True)
+    results = {name: statistics.median(r) for name, r in all_rates.items()}
+    print()
+    for name, rate in results.items():
+        print(f"{name:40s} {rate:8.1f} tokens/s (median of {len(all_rates[name])})")
     floor = results["vllm (no adapters)"]
     print(
         f"\nbatch {BATCH} requests, prompt {PROMPT}, {args.new_tokens} new tokens, {args.layers} layers"
