@@ -145,7 +145,9 @@ def make_layer(T, d_in, d_out, E, r, dtype, seed=0, drop_x=False):
 def run_backend(layer, top_k, backend, *, regime="auto", base="auto", **kw):
     from personamoe.kernels import launchers
 
-    launchers.MIX_REGIME, launchers.BASE_MODE = regime, base
+    # base="cublas" labels the CUDA backend with cuda_launch.FUSE_BASE off (set by the caller).
+    launchers.MIX_REGIME = regime
+    launchers.BASE_MODE = base if base in ("auto", "torch", "fused") else "auto"
     try:
         with personamoe.use_backend(backend):
             return ops.persona_moe_linear_scores(
@@ -222,6 +224,14 @@ def correctness_section() -> list[dict[str, Any]]:
             name = f"T{T}_d{d_in}x{d_out}_E{E}_r{r}_k{k}"
             for be in backends:
                 one(name, layer, k, dtype, be)
+            if not SMOKE and T <= 16:
+                from personamoe.backends import cuda_launch
+
+                cuda_launch.FUSE_BASE = False
+                try:
+                    one(name, layer, k, dtype, "cuda", base="cublas")
+                finally:
+                    cuda_launch.FUSE_BASE = True
     fdt = [torch.float32] if SMOKE else [torch.bfloat16]
     for dtype in fdt:
         for T, d_in, d_out, E, r, k in ([(7, 40, 24, 8, 16, 2)] if SMOKE else
@@ -372,6 +382,15 @@ def bench_section(info: dict[str, Any], out: Path, budget: float) -> list[dict[s
                                                  w.scaling, kk, 1.0, "topk", None, None, None,
                                                  None)[0]  # fmt: skip
 
+        def pm_op_cublas(x, w, kk):
+            from personamoe.backends import cuda_launch
+
+            cuda_launch.FUSE_BASE = False
+            try:
+                return pm_op(x, w, kk, "cuda")
+            finally:
+                cuda_launch.FUSE_BASE = True
+
         provs: dict[str, tuple[Callable[..., Any], str]] = {
             "base": (bl.provider_base, "auto"),
             "naive": (bl.provider_naive, "auto"),
@@ -391,6 +410,7 @@ def bench_section(info: dict[str, Any], out: Path, budget: float) -> list[dict[s
                     )
         if T <= 16 and not SMOKE:
             provs["cuda"] = (lambda x, w, kk: pm_op(x, w, kk, "cuda"), "cuda")
+            provs["cuda_cublas_base"] = (lambda x, w, kk: pm_op_cublas(x, w, kk), "cuda")
         for pname, (p, backend) in provs.items():
             try:
                 with torch.inference_mode(), personamoe.use_backend(backend):
@@ -467,7 +487,9 @@ def summarize(row: dict[str, Any]) -> None:
         ms = row[key]
         if "base" not in ms:
             continue
-        ours = {p: v for p, v in ms.items() if p in ("pm", "pm_op", "cuda") or p.startswith("tri")}
+        ours = {
+            p: v for p, v in ms.items() if p in ("pm", "pm_op") or p.startswith(("tri", "cuda"))
+        }
         if not ours:
             continue
         best_p = min(ours, key=lambda p: ours[p])
@@ -497,7 +519,17 @@ def markdown(info: dict[str, Any], corr, graphs, bench) -> str:
         lines += ["", "Graphs/compile: " + ", ".join(f"{g['case']}={'ok' if g['ok'] else 'FAIL'}"
                                                     for g in graphs)]  # fmt: skip
     if bench:
-        provs = ["base", "naive", "dense", "masked", "pm", "pm_op", "triton", "cuda"]
+        provs = [
+            "base",
+            "naive",
+            "dense",
+            "masked",
+            "pm",
+            "pm_op",
+            "triton",
+            "cuda",
+            "cuda_cublas_base",
+        ]
         lines += ["", "Medians in ms (do_bench, L2 flushed, weight sets rotated); graph = CUDA-graph "
                   "replay per call.", "",
                   "| case | " + " | ".join(provs) + " | best pm | pm/base | ovh vs best other | "

@@ -91,7 +91,9 @@ def _check(got, ref, dtype):
      (5, 257, 130, 64, 64, 2), (16, 4096, 4096, 64, 64, 2), (3, 64, 96, 1, 1, 1),
      (9, 128, 72, 8, 16, 8)],
 )  # fmt: skip
-def test_decode_matches_reference(dtype, T, d_in, d_out, E, r, k):
+@pytest.mark.parametrize("fuse_base", [True, False], ids=["fused_base", "cublas_base"])
+def test_decode_matches_reference(monkeypatch, fuse_base, dtype, T, d_in, d_out, E, r, k):
+    monkeypatch.setattr(cuda_launch, "FUSE_BASE", fuse_base)
     a = _args(T, d_in, d_out, E, r, k, dtype, "cuda")
     for _ in range(2):  # the second launch checks that the counters were left zero
         _check(cuda_launch.persona_moe_linear(a), _ref(a), dtype)

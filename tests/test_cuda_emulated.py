@@ -34,7 +34,8 @@ class DecodeParams(ctypes.Structure):
         ("b", ctypes.c_void_p), ("scaling", ctypes.c_void_p), ("calibration", ctypes.c_void_p),
         ("table", ctypes.c_void_p), ("ids", ctypes.c_void_p), ("scaling_dtype", ctypes.c_int),
         ("calibration_dtype", ctypes.c_int), ("table_dtype", ctypes.c_int),
-        ("ids_dtype", ctypes.c_int), ("P", ctypes.c_int64), ("y", ctypes.c_void_p),
+        ("ids_dtype", ctypes.c_int), ("P", ctypes.c_int64), ("weight", ctypes.c_void_p),
+        ("w_stride", ctypes.c_int64), ("bias", ctypes.c_void_p), ("y", ctypes.c_void_p),
         ("topk_idx", ctypes.c_void_p), ("topk_gates", ctypes.c_void_p),
         ("scores", ctypes.c_void_p), ("h_ws", ctypes.c_void_p), ("coef_ws", ctypes.c_void_p),
         ("used_ws", ctypes.c_void_p), ("counters", ctypes.c_void_p), ("T", ctypes.c_int),
@@ -46,7 +47,8 @@ class DecodeParams(ctypes.Structure):
 
 # bindings.cpp's argument order: the struct fields, with T..k after the pointers, then dtype etc.
 _BIND_ORDER = ["x", "x_stride", "a", "b", "scaling", "scaling_dtype", "calibration",
-               "calibration_dtype", "table", "table_dtype", "ids", "ids_dtype", "P", "y",
+               "calibration_dtype", "table", "table_dtype", "ids", "ids_dtype", "P", "weight",
+               "w_stride", "bias", "y",
                "topk_idx", "topk_gates", "scores", "h_ws", "coef_ws", "used_ws", "counters", "T",
                "d_in", "d_out", "E", "r", "k", "temperature", "normalize", "fixed", "dtype", "vec",
                "stream"]  # fmt: skip
@@ -143,7 +145,11 @@ def _check(a, dtype, *, vec=None, emulated=None):
      (3, 24, 33, 1, 1, 1, torch.float32, False), (7, 64, 48, 4, 8, 2, torch.float16, True),
      (4, 48, 40, 3, 8, 3, torch.bfloat16, True), (2, 30, 20, 4, 5, 2, torch.bfloat16, False)],
 )  # fmt: skip
-def test_emulated_decode_matches_reference(emulated, T, d_in, d_out, E, r, k, dtype, vec):
+@pytest.mark.parametrize("fuse_base", [True, False], ids=["fused_base", "cublas_base"])
+def test_emulated_decode_matches_reference(
+    emulated, monkeypatch, fuse_base, T, d_in, d_out, E, r, k, dtype, vec
+):
+    monkeypatch.setattr(cuda_launch, "FUSE_BASE", fuse_base)
     a = _args(T, d_in, d_out, E, r, k, dtype)
     _check(a, dtype, vec=vec, emulated=emulated)
     if E * r <= 16:  # counters were left zero: a second launch works (cheap cases only)
@@ -180,5 +186,7 @@ def test_emulated_ties_and_strided_x(emulated):
     a = _args(3, d, 16, E, r, 2, torch.float32)
     lora_a = a.lora_a[:1].expand(E, r, d).contiguous()
     x = torch.randn(d, 3).t()  # inner stride 3: the launcher makes it contiguous
-    got = _check(a._replace(lora_a=lora_a, x=x), torch.float32)
+    w = torch.randn(16, d + 8)[:, :d]  # rows d + 8 apart: the fused base reads them in place
+    got = _check(a._replace(lora_a=lora_a, x=x, weight=w), torch.float32)
     assert got[1].tolist() == [[0, 1]] * 3
+    assert emulated.calls[-1]["w_stride"] == d + 8 and emulated.calls[-1]["vec"]

@@ -22,7 +22,8 @@ T* ptr(std::uintptr_t address) {
 void decode_py(std::uintptr_t x, int64_t x_stride, std::uintptr_t a, std::uintptr_t b,
                std::uintptr_t scaling, int scaling_dtype, std::uintptr_t calibration,
                int calibration_dtype, std::uintptr_t table, int table_dtype, std::uintptr_t ids,
-               int ids_dtype, int64_t P, std::uintptr_t y, std::uintptr_t topk_idx,
+               int ids_dtype, int64_t P, std::uintptr_t weight, int64_t w_stride,
+               std::uintptr_t bias, std::uintptr_t y, std::uintptr_t topk_idx,
                std::uintptr_t topk_gates, std::uintptr_t scores, std::uintptr_t h_ws,
                std::uintptr_t coef_ws, std::uintptr_t used_ws, std::uintptr_t counters, int T,
                int d_in, int d_out, int E, int r, int k, double temperature, int normalize,
@@ -41,6 +42,9 @@ void decode_py(std::uintptr_t x, int64_t x_stride, std::uintptr_t a, std::uintpt
   p.table_dtype = table_dtype;
   p.ids_dtype = ids_dtype;
   p.P = P;
+  p.weight = ptr<const void>(weight);
+  p.w_stride = w_stride;
+  p.bias = ptr<const void>(bias);
   p.y = ptr<void>(y);
   p.topk_idx = ptr<int32_t>(topk_idx);
   p.topk_gates = ptr<float>(topk_gates);
@@ -70,7 +74,7 @@ void decode_py(std::uintptr_t x, int64_t x_stride, std::uintptr_t a, std::uintpt
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "personamoe CUDA kernels (raw addresses; see personamoe/backends/cuda_launch.py)";
-  m.def("decode", &decode_py, "Route and mix of T <= 16 tokens in one launch, added into y");
+  m.def("decode", &decode_py, "Shrink, route and mix of T <= 16 tokens in one launch (and the base layer when weight != 0)");
   m.def("runtime_version", &personamoe_cuda::runtime_version,
         "CUDA runtime version linked in (needs no driver)");
   m.attr("MAX_TOKENS") = personamoe_cuda::kMaxTokens;

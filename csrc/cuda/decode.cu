@@ -1,7 +1,8 @@
 // Decode kernel: shrink, route and mix of one persona-MoE layer in one launch (T <= 16).
 //
-// The base output x @ W^T + b is computed beside it (cuBLAS through torch) and passed in `y`; this
-// kernel adds the adapters' term in place. One grid of S + M blocks, roles taken by ticket (an
+// The base output x @ W^T + b is computed either by the mix blocks themselves while they wait for
+// the routing (W given: the whole layer in one launch, y written once), or beside the kernel by
+// cuBLAS and passed in `y` (W null), to which the adapters' term is then added in place. One grid of S + M blocks, roles taken by ticket (an
 // atomic counter read at block start, as in decoupled look-back scans) rather than by blockIdx:
 //   tickets [0, S):   shrink. Block s computes rows [16s, 16s+16) of h = x @ A^T for all T
 //                     tokens (fp32 accumulate; 2 rows per warp) into a workspace. The last shrink block to finish (a second
@@ -83,27 +84,25 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-template <typename T, int V>
-__device__ void shrink_rows(const DecodeParams& p, int block) {
-  // Warp w owns rows [16*block + 2w, +2); its lanes split d_in in 16-byte vectors. The 8 warps of
-  // a block read the same x vectors, so x comes from L2 once per 16 rows of A (then from L1).
-  const int rows = p.E * p.r;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row0 = block * kRows + warp * kRowsPerWarp;
-  const T* a = static_cast<const T*>(p.a);
+// acc[rr][t] = mat[row0 + rr] . x[t] for ROWS rows (row index clamped to last_row) and every token,
+// summed over the warp: the warp's lanes split d_in in V-element vectors. The 8 warps of a block
+// read the same x vectors, so x comes from L2 once per block (then from L1).
+template <typename T, int V, int ROWS>
+__device__ void dot_rows(const DecodeParams& p, const T* mat, int64_t ld, int row0, int last_row,
+                         float (&acc)[ROWS][kMaxTokens]) {
+  const int lane = threadIdx.x % 32;
   const T* x = static_cast<const T*>(p.x);
-  float acc[kRowsPerWarp][kMaxTokens];
 #pragma unroll
-  for (int rr = 0; rr < kRowsPerWarp; ++rr)
+  for (int rr = 0; rr < ROWS; ++rr)
 #pragma unroll
     for (int t = 0; t < kMaxTokens; ++t) acc[rr][t] = 0.f;
   const int nvec = p.d_in / V;
   for (int v = lane; v < nvec; v += 32) {
-    float av[kRowsPerWarp][V];
+    float mv[ROWS][V];
 #pragma unroll
-    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-      const int row = min(row0 + rr, rows - 1);  // rows past the end are computed, not stored
-      load_vec<T, V>(a + static_cast<int64_t>(row) * p.d_in + static_cast<int64_t>(v) * V, av[rr]);
+    for (int rr = 0; rr < ROWS; ++rr) {
+      const int row = min(row0 + rr, last_row);  // rows past the end are computed, not stored
+      load_vec<T, V>(mat + row * ld + static_cast<int64_t>(v) * V, mv[rr]);
     }
 #pragma unroll
     for (int t = 0; t < kMaxTokens; ++t) {
@@ -111,24 +110,56 @@ __device__ void shrink_rows(const DecodeParams& p, int block) {
         float xv[V];
         load_vec<T, V>(x + t * p.x_stride + static_cast<int64_t>(v) * V, xv);
 #pragma unroll
-        for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+        for (int rr = 0; rr < ROWS; ++rr) {
           float s = 0.f;
 #pragma unroll
-          for (int i = 0; i < V; ++i) s = fmaf(av[rr][i], xv[i], s);
+          for (int i = 0; i < V; ++i) s = fmaf(mv[rr][i], xv[i], s);
           acc[rr][t] += s;
         }
       }
     }
   }
 #pragma unroll
-  for (int rr = 0; rr < kRowsPerWarp; ++rr)
+  for (int rr = 0; rr < ROWS; ++rr)
 #pragma unroll
-    for (int t = 0; t < kMaxTokens; ++t) {
-      if (t < p.T) {  // warp-uniform
-        const float s = warp_sum(acc[rr][t]);
-        if (lane == 0 && row0 + rr < rows) p.h_ws[static_cast<int64_t>(t) * rows + row0 + rr] = s;
-      }
+    for (int t = 0; t < kMaxTokens; ++t)
+      if (t < p.T) acc[rr][t] = warp_sum(acc[rr][t]);  // t < T is warp-uniform
+}
+
+// Shrink: warp w of block s owns rows [16s + 2w, +2) of h = x @ A^T.
+template <typename T, int V>
+__device__ void shrink_rows(const DecodeParams& p, int block) {
+  const int rows = p.E * p.r;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row0 = block * kRows + warp * kRowsPerWarp;
+  float acc[kRowsPerWarp][kMaxTokens];
+  dot_rows<T, V, kRowsPerWarp>(p, static_cast<const T*>(p.a), p.d_in, row0, rows - 1, acc);
+  if (lane == 0) {
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr)
+      for (int t = 0; t < p.T; ++t)
+        if (row0 + rr < rows) p.h_ws[static_cast<int64_t>(t) * rows + row0 + rr] = acc[rr][t];
+  }
+}
+
+// Fused base: outputs [32m, 32m+32) of x @ W^T + b into base_s[t][l] (warp w: outputs 4w..4w+3).
+template <typename T, int V>
+__device__ void base_rows(const DecodeParams& p, int block, float* base_s) {
+  constexpr int kOutPerWarp = kNOut / kWarps;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row0 = block * kNOut + warp * kOutPerWarp;
+  float acc[kOutPerWarp][kMaxTokens];
+  dot_rows<T, V, kOutPerWarp>(p, static_cast<const T*>(p.weight), p.w_stride, row0,
+                              p.d_out - 1, acc);
+  if (lane == 0) {
+    const T* bias = static_cast<const T*>(p.bias);
+#pragma unroll
+    for (int rr = 0; rr < kOutPerWarp; ++rr) {
+      const int n = row0 + rr;
+      const float bn = (bias != nullptr && n < p.d_out) ? to_f(bias[n]) : 0.f;
+      for (int t = 0; t < p.T; ++t) base_s[t * kNOut + warp * kOutPerWarp + rr] = acc[rr][t] + bn;
     }
+  }
 }
 
 // Scores, top-k and gates of every token, by one block (h read through L2: other blocks wrote it).
@@ -230,7 +261,7 @@ __device__ void route_all(const DecodeParams& p, float* smem) {
 }
 
 template <typename T, int V>
-__device__ void mix_outputs(const DecodeParams& p, int block, float* smem) {
+__device__ void mix_outputs(const DecodeParams& p, int block, float* smem, const float* base_s) {
   const int E = p.E, r = p.r, Tn = p.T;
   const int rows = E * r;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -280,7 +311,8 @@ __device__ void mix_outputs(const DecodeParams& p, int block, float* smem) {
       float s = 0.f;
       for (int w = 0; w < kWarps; ++w) s += red[(w * kMaxTokens + t) * 32 + l];
       const int64_t o = static_cast<int64_t>(t) * p.d_out + nn;
-      y[o] = from_f<T>(to_f(y[o]) + s);
+      const float base = p.weight != nullptr ? base_s[t * kNOut + l] : to_f(y[o]);
+      y[o] = from_f<T>(base + s);
     }
   }
 }
@@ -288,6 +320,7 @@ __device__ void mix_outputs(const DecodeParams& p, int block, float* smem) {
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeParams p, int shrink_blocks) {
   __shared__ float smem[kSmemFloats];
+  __shared__ float base_s[kMaxTokens * kNOut];  // the fused base output of a mix block
   __shared__ int s_ticket, s_last;
   if (threadIdx.x == 0) s_ticket = static_cast<int>(atomicAdd(&p.counters[0], 1u));
   __syncthreads();
@@ -307,13 +340,16 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeParams p, int sh
       if (threadIdx.x == 0) atomicExch(&p.counters[2], 1u);
     }
   } else {
+    // While the shrink blocks run, a mix block computes its outputs of the base layer (when W is
+    // given), so the wait for the routing costs nothing and y is written once.
+    if (p.weight != nullptr) base_rows<T, V>(p, ticket - shrink_blocks, base_s);
     if (threadIdx.x == 0) {
       // A volatile load polls L2 without the atomic traffic that would slow the shrink blocks.
       while (*reinterpret_cast<volatile uint32_t*>(&p.counters[2]) == 0u) __nanosleep(100);
       __threadfence();
     }
     __syncthreads();
-    mix_outputs<T, V>(p, ticket - shrink_blocks, smem);
+    mix_outputs<T, V>(p, ticket - shrink_blocks, smem, base_s);
   }
   __syncthreads();
   if (threadIdx.x == 0) {

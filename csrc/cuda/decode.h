@@ -26,7 +26,10 @@ struct DecodeParams {
   const void* ids;          // persona_ids [T] (int32/int64) or null
   int scaling_dtype, calibration_dtype, table_dtype, ids_dtype;
   int64_t P;
-  void* y;                  // [T, d_out] contiguous; holds the base output on entry, y on exit
+  const void* weight;       // base W [d_out, d_in], rows w_stride apart, or null (then y holds
+  int64_t w_stride;         //   the base output on entry)
+  const void* bias;         // [d_out] or null; used only with weight
+  void* y;                  // [T, d_out] contiguous; the layer's output on exit
   int32_t* topk_idx;        // [T, k]
   float* topk_gates;        // [T, k]
   float* scores;            // [T, E]

@@ -1,7 +1,9 @@
 """Host side of the ``cuda`` backend: the decode kernel of ``personamoe._C_cuda`` for T <= 16.
 
-The base output ``x @ W^T + b`` runs beside it through torch (cuBLAS); one launch of the decode
-kernel then does shrink, route and mix and adds the adapters' term into it (csrc/cuda/decode.cu).
+One launch does the whole layer (csrc/cuda/decode.cu): shrink, route, mix, and with ``FUSE_BASE``
+(default) the base output ``x @ W^T + b`` too, computed by the mix blocks while they wait for the
+routing, so ``y`` is written once. ``FUSE_BASE = False`` runs the base through torch (cuBLAS)
+beside the kernel, which then adds the adapters' term into it (benchmarks/gpu_check.py times both).
 Calls the kernel does not cover (T > 16, E > 64, r > 64, fp64, T = 0) go to the Triton backend,
 or to the reference where Triton is missing.
 
@@ -21,6 +23,7 @@ from personamoe.backends.base import LayerArgs, LayerOutputs
 __all__ = ["covers", "persona_moe_linear"]
 
 MAX_TOKENS, MAX_EXPERTS, MAX_RANK = 16, 64, 64  # csrc/cuda/decode.h
+FUSE_BASE = True  # the base layer inside the decode kernel (else cuBLAS beside it)
 
 _DTYPE_CODE = {
     torch.float32: 0,
@@ -87,7 +90,14 @@ def persona_moe_linear(a: LayerArgs) -> LayerOutputs:
     lora_a = a.lora_a.contiguous()
     lora_b = a.lora_b.contiguous()
     dev = x.device
-    y = torch.nn.functional.linear(x, a.weight, a.bias)
+    fuse = FUSE_BASE
+    if fuse:
+        w = a.weight if a.weight.stride(1) == 1 else a.weight.contiguous()
+        bias = a.bias.contiguous() if a.bias is not None else None
+        y = torch.empty(T, d_out, dtype=x.dtype, device=x.device)
+    else:
+        w, bias = None, None
+        y = torch.nn.functional.linear(x, a.weight, a.bias)
     idx = torch.empty(T, k, dtype=torch.int32, device=dev)
     gates = torch.empty(T, k, dtype=torch.float32, device=dev)
     n = torch.empty(T, E, dtype=torch.float32, device=dev)
@@ -116,6 +126,7 @@ def persona_moe_linear(a: LayerArgs) -> LayerOutputs:
         and _aligned(x)
         and _aligned(lora_a)
         and _aligned(lora_b)
+        and (w is None or (w.stride(0) % vlen == 0 and _aligned(w)))
     )
     _C_cuda.decode(
         x.data_ptr(), x.stride(0), lora_a.data_ptr(), lora_b.data_ptr(),
@@ -127,6 +138,8 @@ def persona_moe_linear(a: LayerArgs) -> LayerOutputs:
         ids.data_ptr() if ids is not None else 0,
         _DTYPE_CODE[ids.dtype] if ids is not None else 0,
         table.shape[0] if table is not None else 0,
+        w.data_ptr() if w is not None else 0, w.stride(0) if w is not None else 0,
+        bias.data_ptr() if bias is not None else 0,
         y.data_ptr(), idx.data_ptr(), gates.data_ptr(), n.data_ptr(),
         h_ws.data_ptr(), coef_ws.data_ptr(), used_ws.data_ptr(), counters.data_ptr(),
         T, d_in, d_out, E, r, k, float(a.temperature), _NORMALIZE_CODE[a.normalize],
