@@ -97,6 +97,7 @@ __device__ void dot_rows(const DecodeParams& p, const T* mat, int64_t ld, int ro
 #pragma unroll
     for (int t = 0; t < kMaxTokens; ++t) acc[rr][t] = 0.f;
   const int nvec = p.d_in / V;
+#pragma unroll 2  // two iterations' loads in flight per lane (few blocks stream W at decode)
   for (int v = lane; v < nvec; v += 32) {
     float mv[ROWS][V];
 #pragma unroll
