@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         "the dev machine reports, so weights come from DRAM as in a real model)",
     )  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall",
+        help="wall-clock (default) or this process's CPU time (robust to other jobs on a shared "
+        "machine; use with --threads 1)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -43,12 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         n_sets = bl.sets_for_bytes(case, args.rotate_mib << 20)
         sets = bl.make_weight_sets(case, n_sets)
         rounds = args.rounds or DEFAULT_ROUNDS[name]
-        med = bl.medians(bl.measure(case, args.providers, sets, rounds=rounds))
+        med = bl.medians(bl.measure(case, args.providers, sets, rounds=rounds, clock=args.clock))
         base = med["base"]
         print(
             f"\n{name}: T={case.tokens} d_in={case.d_in} d_out={case.d_out} E={case.experts} "
             f"r={case.rank} k={case.top_k} {str(case.dtype).replace('torch.', '')}; "
-            f"{n_sets} weight sets ({n_sets * case.set_bytes() / 2**20:.0f} MiB), {rounds} rounds"
+            f"{n_sets} weight sets ({n_sets * case.set_bytes() / 2**20:.0f} MiB), {rounds} rounds, "
+            f"{args.clock} clock"
         )
         print(f"  {'provider':<11} {'median us':>10} {'/ base':>7} {'overhead us':>12}")
         for prov in args.providers:

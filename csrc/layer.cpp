@@ -25,6 +25,8 @@ using detail::Work;
 // Fewer tokens than this: the mix takes dot products over r per output (no transposed tile).
 // Measured on the dev machine (AVX-512): the tile's transposition pays off from ~4 tokens.
 constexpr int64_t kDirectMaxTokens = 8;
+// Up to this many tokens every thread routes all tokens itself (no barrier before the mix).
+constexpr int64_t kRedundantRouteTokens = 32;
 
 int cpu_level() {
 #if defined(PERSONAMOE_X86_ISA)
@@ -134,9 +136,14 @@ void layer_forward(const LayerArgs& a) {
       }
 
   std::unique_ptr<float[]> h(new float[static_cast<size_t>(T * ER)]);
-  std::unique_ptr<int32_t[]> ent_e(new int32_t[static_cast<size_t>(T * kmax)]);
-  std::unique_ptr<float[]> ent_c(new float[static_cast<size_t>(T * kmax)]);
-  std::unique_ptr<int32_t[]> ent_n(new int32_t[static_cast<size_t>(T)]);
+  // Few tokens: every thread routes all of them itself (a few hundred ns a token) into its own
+  // copy of the entries, which saves the barrier between routing and mixing; on a loaded machine
+  // each barrier can cost a scheduler time slice. Only thread 0 writes the routing outputs.
+  const bool redundant_route = T <= kRedundantRouteTokens && E <= 256;
+  const size_t copies = redundant_route ? static_cast<size_t>(a.num_threads < 1 ? 1 : a.num_threads) : 1;
+  std::unique_ptr<int32_t[]> ent_e(new int32_t[static_cast<size_t>(T * kmax) * copies]);
+  std::unique_ptr<float[]> ent_c(new float[static_cast<size_t>(T * kmax) * copies]);
+  std::unique_ptr<int32_t[]> ent_n(new int32_t[static_cast<size_t>(T) * copies]);
 
   Work w;
   w.a = &a;
@@ -179,14 +186,29 @@ void layer_forward(const LayerArgs& a) {
     if (b1 > b0) K.shrink_items(w, b0, b1);
 #pragma omp barrier
     // 2. route every token: scores, top-k, gates -> (expert, gate * scaling) entries.
-    static_range(T, tid, nth, &b0, &b1);
+    const size_t copy = redundant_route ? static_cast<size_t>(tid) : 0;
+    Work wt = w;
+    wt.ent_e = ent_e.get() + copy * static_cast<size_t>(T * kmax);
+    wt.ent_c = ent_c.get() + copy * static_cast<size_t>(T * kmax);
+    wt.ent_n = ent_n.get() + copy * static_cast<size_t>(T);
+    if (redundant_route) {
+      b0 = 0;
+      b1 = T;
+    } else {
+      static_range(T, tid, nth, &b0, &b1);
+    }
+    // Thread-private score/index/gate rows when routing redundantly; thread 0 keeps the outputs.
+    float sc_own[256];
+    int32_t idx_own[256];
+    float g_own[256];
+    const bool own = redundant_route && tid != 0;
     for (int64_t t = b0; t < b1; ++t) {
       const float* row = persona_row(a, t);
-      float* sc = a.scores + t * E;
-      int32_t* idx = a.topk_idx + t * k;
-      float* g = a.topk_gates + t * k;
-      int32_t* ee = ent_e.get() + t * kmax;
-      float* ec = ent_c.get() + t * kmax;
+      float* sc = own ? sc_own : a.scores + t * E;
+      int32_t* idx = own ? idx_own : a.topk_idx + t * k;
+      float* g = own ? g_own : a.topk_gates + t * k;
+      int32_t* ee = const_cast<int32_t*>(wt.ent_e) + t * kmax;
+      float* ec = const_cast<float*>(wt.ent_c) + t * kmax;
       int32_t n = 0;
       if (a.fixed) {
         for (int64_t e = 0; e < E; ++e) sc[e] = row ? row[e] : 0.0f;
@@ -205,14 +227,16 @@ void layer_forward(const LayerArgs& a) {
             ec[n++] = g[j] * a.scaling[idx[j]];
           }
       }
-      ent_n[t] = n;
+      const_cast<int32_t*>(wt.ent_n)[t] = n;
     }
+    if (!redundant_route) {  // the same branch in every thread
 #pragma omp barrier
+    }
     // 3. mix the chosen experts into y, one block of outputs per work item.
     static_range(n_blocks, tid, nth, &b0, &b1);
     float* my_scratch = scratch.get() + scratch_floats * static_cast<size_t>(tid);
     unsigned char* my_used = used.get() + E * tid;
-    for (int64_t b = b0; b < b1; ++b) K.mix_block(w, b, my_scratch, my_used);
+    for (int64_t b = b0; b < b1; ++b) K.mix_block(wt, b, my_scratch, my_used);
   }
 }
 
