@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         help="wall-clock (default) or this process's CPU time (robust to other jobs on a shared "
         "machine; use with --threads 1)",
     )  # fmt: skip
+    p.add_argument(
+        "--base-in-kernel", action="store_true",
+        help="instead: time the base GEMM x W^T through torch (BLAS) against the fused kernel's own "
+        "micro-kernel (the measurement behind running the base in BLAS, see csrc/layer.h)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -43,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         args.providers.insert(0, "base")
     print(f"machine: {bl.machine_info()}")
     print(f"command: python benchmarks/bench_layer.py {' '.join(argv or sys.argv[1:])}".rstrip())
+    if args.base_in_kernel:
+        return base_in_kernel(args)
     for name in args.cases:
         case = bl.CASES[name]
         n_sets = bl.sets_for_bytes(case, args.rotate_mib << 20)
@@ -67,6 +74,39 @@ def main(argv: list[str] | None = None) -> int:
                 f"  personamoe/base = {med['personamoe'] / base:.3f}; overhead / smallest other "
                 f"overhead = {ov / min(others):.3f}"
             )
+    return 0
+
+
+def base_in_kernel(args: argparse.Namespace) -> int:
+    """Median of x W^T by torch.nn.functional.linear vs by the kernel's shrink micro-kernel."""
+    import statistics
+    import time
+
+    from personamoe.backends.cpp_backend import _ext
+
+    C = _ext()
+    for name in args.cases:
+        case = bl.CASES[name]
+        sets = bl.make_weight_sets(case, bl.sets_for_bytes(case, args.rotate_mib << 20))
+        x = bl.make_input(case)
+        out = torch.empty(case.tokens, case.d_out)
+        nt = torch.get_num_threads()
+        times: dict[str, list[float]] = {"torch linear (BLAS)": [], "kernel micro-kernel": []}
+        rounds = args.rounds or DEFAULT_ROUNDS[name]
+        for i in range(rounds + 3):
+            w = sets[i % len(sets)].weight
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            t1 = time.perf_counter()
+            C.shrink_only(0, x.data_ptr(), case.d_in, w.data_ptr(), case.tokens, case.d_in,
+                          case.d_out, out.data_ptr(), nt)  # fmt: skip
+            t2 = time.perf_counter()
+            if i >= 3:
+                times["torch linear (BLAS)"].append(t1 - t0)
+                times["kernel micro-kernel"].append(t2 - t1)
+        print(f"\n{name}: x W^T, T={case.tokens}, {rounds} interleaved rounds")
+        for k, v in times.items():
+            print(f"  {k:<22} {statistics.median(v) * 1e6:10.1f} us")
     return 0
 
 

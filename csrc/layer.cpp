@@ -135,6 +135,16 @@ void layer_forward(const LayerArgs& a) {
         seg_len.push_back(static_cast<int32_t>(r - i < detail::kRowGroup ? r - i : detail::kRowGroup));
       }
 
+  // Base rows (W) as extra shrink segments when the caller asked for the base in the kernel.
+  const int64_t base_row0 = ER;
+  std::unique_ptr<float[]> ybase;
+  if (a.weight) {
+    ybase.reset(new float[static_cast<size_t>(T * a.d_out)]);
+    for (int64_t i = 0; i < a.d_out; i += detail::kRowGroup) {
+      seg_start.push_back(base_row0 + i);
+      seg_len.push_back(static_cast<int32_t>(a.d_out - i < detail::kRowGroup ? a.d_out - i : detail::kRowGroup));
+    }
+  }
   std::unique_ptr<float[]> h(new float[static_cast<size_t>(T * ER)]);
   // Few tokens: every thread routes all of them itself (a few hundred ns a token) into its own
   // copy of the entries, which saves the barrier between routing and mixing; on a loaded machine
@@ -157,6 +167,8 @@ void layer_forward(const LayerArgs& a) {
   w.ent_n = ent_n.get();
   w.kmax = kmax;
   w.direct = T < kDirectMaxTokens;
+  w.ybase = ybase.get();
+  w.base_row0 = base_row0;
   // x small enough to stay in L2 while every A tile streams past once: segment-major shrink.
   w.seg_major = T * a.d_in * (a.dtype == DType::F32 ? 4 : 2) <= (256 << 10);
 

@@ -33,7 +33,12 @@ struct LayerArgs {
   bool fixed = false;  // persona_weights mode
   float temperature = 1.0f;
   int normalize = 0;  // 0 = "topk", 1 = "full"
-  void* y = nullptr;  // [T, d_out], row stride y_stride; holds the base output, the mix is added
+  // Base layer: with `weight` set (contiguous [d_out, d_in], dtype of x; `bias` [d_out] or
+  // nullptr) the kernel computes x W^T + b itself and y's contents are ignored; with nullptr, y
+  // already holds the base output and the mix is added into it.
+  const void* weight = nullptr;
+  const void* bias = nullptr;
+  void* y = nullptr;  // [T, d_out], row stride y_stride
   int64_t y_stride = 0;
   int32_t* topk_idx = nullptr;  // [T, k] out
   float* topk_gates = nullptr;  // [T, k] out

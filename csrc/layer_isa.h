@@ -24,6 +24,10 @@ struct Work {
   const int32_t* seg_len = nullptr;
   int64_t nseg = 0;
   bool seg_major = false;  // shrink item order: segment-major (few tokens) or token-major
+  // Base GEMM in the kernel (few tokens): segments from row base_row0 on are rows of W, written to
+  // ybase [T, d_out] fp32; the mix then writes y = ybase + bias + mix. nullptr: y holds the base.
+  float* ybase = nullptr;
+  int64_t base_row0 = 0;
   // Mix: per token up to kmax entries (expert, coefficient = gate * scaling).
   const int32_t* ent_e = nullptr;
   const float* ent_c = nullptr;

@@ -100,6 +100,7 @@ struct Case {
   float temperature;
   bool ids32;
   int threads;
+  bool base = false;  // the kernel computes x W^T + b too
 };
 
 // Scalar reference of the adapter part (y_base = 0), in double.
@@ -205,8 +206,18 @@ void run_case(const Case& c, uint32_t seed) {
   reference(c, x, A, B, s, cal, table, P, c.ids32 ? std::vector<int64_t>(ids32.begin(), ids32.end()) : ids,
             yref, iref, gref);
 
-  std::vector<uint16_t> yh(static_cast<size_t>(T * c.d_out), 0);
-  std::vector<float> yf(static_cast<size_t>(T * c.d_out), 0.0f);
+  Buf W(static_cast<size_t>(c.d_out * c.d_in), c.dt, rng, 1.0f / std::sqrt(float(c.d_in)));
+  Buf bias(static_cast<size_t>(c.d_out), c.dt, rng, 0.5f);
+  if (c.base)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t o = 0; o < c.d_out; ++o) {
+        double acc = bias.get(o);
+        for (int64_t i = 0; i < c.d_in; ++i) acc += double(x.get(t * c.d_in + i)) * W.get(o * c.d_in + i);
+        yref[t * c.d_out + o] += acc;
+      }
+  // y starts as garbage when the kernel computes the base (it must not be read), zeros otherwise.
+  std::vector<uint16_t> yh(static_cast<size_t>(T * c.d_out), c.base ? 0x7FC1 : 0);
+  std::vector<float> yf(static_cast<size_t>(T * c.d_out), c.base ? std::nanf("") : 0.0f);
   std::vector<int32_t> idx(static_cast<size_t>(T * k), -1);
   std::vector<float> gates(static_cast<size_t>(T * k)), scores(static_cast<size_t>(T * E));
   LayerArgs a;
@@ -236,6 +247,11 @@ void run_case(const Case& c, uint32_t seed) {
   a.topk_gates = gates.data();
   a.scores = scores.data();
   a.num_threads = c.threads;
+  a.weight = c.base ? W.data() : nullptr;
+  a.bias = c.base && (seed % 2 == 0) ? bias.data() : nullptr;
+  if (c.base && !a.bias)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t o = 0; o < c.d_out; ++o) yref[t * c.d_out + o] -= bias.get(o);
   personamoe::layer_forward(a);
 
   const double tol = c.dt == DType::F32 ? 1e-4 : (c.dt == DType::F16 ? 2e-2 : 8e-2);
@@ -310,12 +326,18 @@ int main(int argc, char** argv) {
   for (const DType dt : dts)
     for (const int64_t T : Ts)
       for (const auto& sh : shapes)
-        for (int variant = 0; variant < 4; ++variant) {
+        for (int variant = 0; variant < 5; ++variant) {
           const int64_t E = sh[2];
           const int64_t k = variant % 2 == 0 ? 1 : E;
           Case c{T, sh[0], sh[1], E, sh[3], k, dt, variant == 3 ? 1 : 0, variant == 1 || variant == 2,
                  variant == 2, variant == 1 ? 1 : 0, variant == 2 ? 0.5f : 1.0f, variant == 2,
                  1 + (variant % 2)};
+          if (variant == 4) {  // base in the kernel, with a persona bias table and 2 threads
+            c.base = true;
+            c.bias = true;
+            c.k = E > 1 ? 2 : 1;
+            c.threads = 2;
+          }
           run_case(c, seed++);
           ++n;
         }

@@ -21,6 +21,8 @@ from personamoe import reference
 from personamoe.backends.base import Backend, LayerArgs, LayerOutputs
 
 _NORMALIZE_CODE = {"topk": 0, "full": 1}
+# Up to this many tokens the kernel computes x W^T + b itself (measured: benchmarks/README.md).
+BASE_IN_KERNEL_MAX_TOKENS = 16
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _IDS_CODE = {torch.int32: 1, torch.int64: 2}
 _linear = torch.nn.functional.linear
@@ -114,7 +116,17 @@ def fused_forward(a: LayerArgs) -> LayerOutputs:
     E, r, _ = lora_a.shape
     d_out = lora_b.shape[1]
     k = min(a.top_k, E)
-    y = _linear(x, a.weight, a.bias)  # base GEMM through BLAS; the kernel adds the mix in place
+    # The base GEMM: in the kernel for few tokens (its memory-bound GEMV streams W faster than
+    # BLAS there and y is written once), through BLAS beside it for more (see csrc/layer.h).
+    w = a.weight
+    b = a.bias
+    in_kernel = 0 < T <= BASE_IN_KERNEL_MAX_TOKENS and w.is_contiguous()
+    if in_kernel:
+        if b is not None and not b.is_contiguous():
+            b = b.contiguous()
+        y = _empty((T, w.shape[0]), dtype=x.dtype)
+    else:
+        y = _linear(x, w, b)
     idx = _empty((T, k), dtype=_i32)
     gates = _empty((T, k), dtype=_f32)
     n = _empty((T, E), dtype=_f32)
@@ -143,6 +155,8 @@ def fused_forward(a: LayerArgs) -> LayerOutputs:
         1 if fixed else 0, float(a.temperature), _NORMALIZE_CODE[a.normalize],
         y.data_ptr(), y.stride(0), idx.data_ptr(), gates.data_ptr(), n.data_ptr(),
         torch.get_num_threads(),
+        w.data_ptr() if in_kernel else 0,
+        b.data_ptr() if in_kernel and b is not None else 0,
     )  # fmt: skip
     return y, idx, gates, n
 
