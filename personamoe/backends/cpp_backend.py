@@ -22,7 +22,7 @@ from personamoe.backends.base import Backend, LayerArgs, LayerOutputs
 
 _NORMALIZE_CODE = {"topk": 0, "full": 1}
 # Up to this many tokens the kernel computes x W^T + b itself (measured: benchmarks/README.md).
-BASE_IN_KERNEL_MAX_TOKENS = 16
+BASE_IN_KERNEL_MAX_TOKENS = 32
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _IDS_CODE = {torch.int32: 1, torch.int64: 2}
 _linear = torch.nn.functional.linear
