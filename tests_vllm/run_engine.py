@@ -22,6 +22,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--lora", default=None)
     p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     args = p.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -34,7 +35,7 @@ def main() -> None:
     if args.lora:
         kwargs = {"enable_lora": True, "max_loras": 1, "max_lora_rank": args.lora_rank}
     llm = LLM(model=args.model, enforce_eager=True, dtype="float32", gpu_memory_utilization=0.1,
-              max_model_len=256, seed=0, **kwargs)  # fmt: skip
+              max_model_len=256, seed=0, tensor_parallel_size=args.tp, **kwargs)  # fmt: skip
     started = time.perf_counter() - t0
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     reqs = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]

@@ -30,13 +30,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_engine(
-    model: Path, out: Path, lora: Path | None = None
+    model: Path, out: Path, lora: Path | None = None, tp: int = 1
 ) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, str(RUNNER), "--model", str(model), "--prompts", json.dumps(PROMPTS),
-           "--max-tokens", str(MAX_TOKENS), "--out", str(out)]  # fmt: skip
+           "--max-tokens", str(MAX_TOKENS), "--out", str(out), "--tp", str(tp)]  # fmt: skip
     if lora is not None:
         cmd += ["--lora", str(lora)]
     env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
+    if tp > 1:
+        # vLLM's CPU build binds each rank to a NUMA node; with one node, give each rank a core.
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(tp)))
     # Run outside the repository so that the installed personamoe (with its entry point) is used.
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=out.parent)
 
@@ -134,6 +137,19 @@ def test_greedy_with_lora_on_top(setup: dict[str, Any]) -> None:
     want = [greedy(model, p, MAX_TOKENS) for p in PROMPTS]
     assert setup["got"]["lora"] == want
     assert want != setup["got"]["plain"]
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallelism needs 2 cores here")
+def test_tensor_parallel_2_ranks_matches_transformers(setup: dict[str, Any]) -> None:
+    """2 CPU ranks: column-parallel B shards (q/k/v and gate/up parts), row-parallel A shards with
+    h all-reduced before ranking (personamoe/integrations/tp.py), same greedy tokens."""
+    out = setup["root"] / "tp2.json"
+    proc = run_engine(setup["folders"]["export"], out, tp=2)
+    if proc.returncode != 0:
+        pytest.fail(f"vLLM tp=2 run failed ({proc.returncode}):\n{proc.stderr[-8000:]}")
+    model = load_exported(setup["folders"]["export"]).eval()
+    want = [greedy(model, p, MAX_TOKENS) for p in PROMPTS]
+    assert json.loads(out.read_text())["plain"] == want
 
 
 def test_malformed_section_fails_clearly(setup: dict[str, Any]) -> None:
