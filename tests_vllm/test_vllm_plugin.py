@@ -152,6 +152,19 @@ def test_tensor_parallel_2_ranks_matches_transformers(setup: dict[str, Any]) -> 
     assert json.loads(out.read_text())["plain"] == want
 
 
+def test_qwen2_with_qkv_bias_matches_transformers(tmp_path: Path) -> None:
+    """Qwen2: the fused qkv_proj carries a bias, split per persona part like the weight."""
+    folders = tiny.build_all(tmp_path, top_k=2, arch="qwen2")
+    proc = run_engine(folders["export"], tmp_path / "qwen2.json")
+    if proc.returncode != 0:
+        pytest.fail(f"vLLM Qwen2 run failed ({proc.returncode}):\n{proc.stderr[-8000:]}")
+    model = load_exported(folders["export"]).eval()
+    assert model.config.model_type == "qwen2"
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    want = [greedy(model, p, MAX_TOKENS) for p in PROMPTS]
+    assert json.loads((tmp_path / "qwen2.json").read_text())["plain"] == want
+
+
 def test_malformed_section_fails_clearly(setup: dict[str, Any]) -> None:
     bad = setup["root"] / "bad_export"
     shutil.copytree(setup["folders"]["export"], bad)

@@ -37,13 +37,18 @@ def build_tokenizer(out: Path) -> None:
     fast.save_pretrained(str(out))
 
 
-def build_base(out: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama (hidden 256, 4 heads of 64, 2 KV heads), random weights with a wide init so
-    that greedy choices are far from ties."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_base(out: Path, seed: int = 0, arch: str = "llama") -> Path:
+    """A 2-layer Llama (or ``arch="qwen2"``: Qwen2, whose q/k/v carry biases, here random) with
+    hidden 256, 4 heads of 64, 2 KV heads; random weights with a wide init so that greedy choices
+    are far from ties."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[arch]
+    cfg = config_cls(
         vocab_size=len(WORDS) + 3,
         hidden_size=256,
         intermediate_size=512,
@@ -56,7 +61,11 @@ def build_base(out: Path, seed: int = 0) -> Path:
         eos_token_id=2,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(cfg).eval()
+    model = model_cls(cfg).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.normal_(0.0, 0.1)
     model.save_pretrained(str(out), safe_serialization=True)
     build_tokenizer(out)
     return out
@@ -88,11 +97,11 @@ def build_adapters(base: Path, out: Path, seed: int = 1) -> dict[str, Path]:
     return paths
 
 
-def build_all(root: Path, top_k: int = 2) -> dict[str, Path]:
+def build_all(root: Path, top_k: int = 2, arch: str = "llama") -> dict[str, Path]:
     """``{"base", "adapters", "export"}`` folders under ``root`` (the export with ``top_k``)."""
     from personamoe.integrations.export import export
 
-    base = build_base(root / "base")
+    base = build_base(root / "base", arch=arch)
     adapters = build_adapters(base, root / "adapters")
     out = export(base, adapters, root / "export", top_k=top_k)
     return {"base": base, "adapters": root / "adapters", "export": out}
