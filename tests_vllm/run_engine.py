@@ -42,8 +42,9 @@ def main() -> None:
     plain = [list(o.outputs[0].token_ids) for o in llm.generate(reqs, sp)]
     lora = None
     if args.lora:
-        # A separate batch: vLLM 0.32's CPU build applies the LoRA to the no-LoRA rows of a mixed
-        # batch too (seen without this plugin as well), so the two are not mixed here.
+        # A separate batch: in a batch mixing LoRA and no-LoRA requests, vLLM 0.32's CPU build also
+        # applies the LoRA to (some decode steps of) the no-LoRA rows. Seen with the plugin
+        # disabled (VLLM_PLUGINS="") and with prefix caching off, so it is vLLM's, not ours.
         req = LoRARequest("extra", 1, args.lora)
         lora = [list(o.outputs[0].token_ids) for o in llm.generate(reqs, sp, lora_request=req)]
     result = {"plain": plain, "lora": lora, "start_s": started}
