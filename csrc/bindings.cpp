@@ -33,6 +33,7 @@ void route_tokens_py(std::uintptr_t h, int64_t T, int64_t E, int64_t r, std::uin
 // One call for the layer's adapter part (layer.h). Dims: (T, d_in, d_out, E, r, k);
 // dtype 0/1/2 = fp32/bf16/fp16; ids_kind 0 = none, 1 = int32, 2 = int64; mode 0 = token, 1 = fixed.
 // weight/bias 0: y already holds the base output; else the kernel computes it (layer.h).
+// h_in 0: the kernel runs the shrink; else h = x A^T [T, E*r] fp32 precomputed by the caller.
 void layer_forward_py(int64_t T, int64_t d_in, int64_t d_out, int64_t E, int64_t r, int64_t k,
                       int dtype, std::uintptr_t x, int64_t x_stride, std::uintptr_t lora_a,
                       std::uintptr_t lora_b, std::uintptr_t scaling, std::uintptr_t calibration,
@@ -40,7 +41,7 @@ void layer_forward_py(int64_t T, int64_t d_in, int64_t d_out, int64_t E, int64_t
                       int mode, double temperature, int normalize, std::uintptr_t y,
                       int64_t y_stride, std::uintptr_t topk_idx, std::uintptr_t topk_gates,
                       std::uintptr_t scores, int num_threads, std::uintptr_t weight,
-                      std::uintptr_t bias) {
+                      std::uintptr_t bias, std::uintptr_t h_in) {
   personamoe::LayerArgs a;
   a.T = T;
   a.d_in = d_in;
@@ -70,6 +71,7 @@ void layer_forward_py(int64_t T, int64_t d_in, int64_t d_out, int64_t E, int64_t
   a.num_threads = num_threads;
   a.weight = ptr<const void>(weight);
   a.bias = ptr<const void>(bias);
+  a.h_in = ptr<const float>(h_in);
   py::gil_scoped_release release;
   personamoe::layer_forward(a);
 }

@@ -129,7 +129,7 @@ void layer_forward(const LayerArgs& a) {
   std::vector<int64_t> seg_start;
   std::vector<int32_t> seg_len;
   for (int64_t e = 0; e < E; ++e)
-    if (needed[e])
+    if (needed[e] && !a.h_in)
       for (int64_t i = 0; i < r; i += detail::kRowGroup) {
         seg_start.push_back(e * r + i);
         seg_len.push_back(static_cast<int32_t>(r - i < detail::kRowGroup ? r - i : detail::kRowGroup));
@@ -145,7 +145,7 @@ void layer_forward(const LayerArgs& a) {
       seg_len.push_back(static_cast<int32_t>(a.d_out - i < detail::kRowGroup ? a.d_out - i : detail::kRowGroup));
     }
   }
-  std::unique_ptr<float[]> h(new float[static_cast<size_t>(T * ER)]);
+  std::unique_ptr<float[]> h(a.h_in ? nullptr : new float[static_cast<size_t>(T * ER)]);
   // Few tokens: every thread routes all of them itself (a few hundred ns a token) into its own
   // copy of the entries, which saves the barrier between routing and mixing; on a loaded machine
   // each barrier can cost a scheduler time slice. Only thread 0 writes the routing outputs.
@@ -157,7 +157,8 @@ void layer_forward(const LayerArgs& a) {
 
   Work w;
   w.a = &a;
-  w.h = h.get();
+  // The kernels only read h after the shrink phase, so a caller's h is never written.
+  w.h = a.h_in ? const_cast<float*>(a.h_in) : h.get();
   w.h_stride = ER;
   w.seg_start = seg_start.data();
   w.seg_len = seg_len.data();
@@ -232,7 +233,7 @@ void layer_forward(const LayerArgs& a) {
             ec[n++] = sc[e] * a.scaling[e];
           }
       } else {
-        route_token(h.get() + t * ER, E, r, a.calibration, row, k, inv_t, norm, sc, idx, g);
+        route_token(w.h + t * ER, E, r, a.calibration, row, k, inv_t, norm, sc, idx, g);
         for (int64_t j = 0; j < k; ++j)
           if (g[j] != 0.0f) {
             ee[n] = idx[j];

@@ -38,6 +38,9 @@ struct LayerArgs {
   // already holds the base output and the mix is added into it.
   const void* weight = nullptr;
   const void* bias = nullptr;
+  // Optional precomputed shrink h = x A^T, [T, E*r] fp32 contiguous (the caller ran it through
+  // BLAS, faster for many tokens); nullptr: the kernel computes h itself.
+  const float* h_in = nullptr;
   void* y = nullptr;  // [T, d_out], row stride y_stride
   int64_t y_stride = 0;
   int32_t* topk_idx = nullptr;  // [T, k] out

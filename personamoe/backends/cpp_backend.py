@@ -23,9 +23,13 @@ from personamoe.backends.base import Backend, LayerArgs, LayerOutputs
 _NORMALIZE_CODE = {"topk": 0, "full": 1}
 # Up to this many tokens the kernel computes x W^T + b itself (measured: benchmarks/README.md).
 BASE_IN_KERNEL_MAX_TOKENS = 32
+# Above that, fp32 shrinks may run through BLAS (torch.mm) instead of the kernel: measured slower
+# at T = 64 and 256 (benchmarks/README.md), so off; kept as a switch for re-measuring.
+SHRINK_IN_BLAS = False
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _IDS_CODE = {torch.int32: 1, torch.int64: 2}
 _linear = torch.nn.functional.linear
+_mm = torch.mm
 _empty = torch.empty
 _f32 = torch.float32
 _i32 = torch.int32
@@ -127,6 +131,11 @@ def fused_forward(a: LayerArgs) -> LayerOutputs:
         y = _empty((T, w.shape[0]), dtype=x.dtype)
     else:
         y = _linear(x, w, b)
+    # Many fp32 tokens: the shrink h = x A^T through BLAS too (a real GEMM there, ~1.5-2x the
+    # kernel's own tiles at T = 256); half types keep the kernel's (BLAS would round h to bf16/fp16).
+    h = None
+    if SHRINK_IN_BLAS and T > BASE_IN_KERNEL_MAX_TOKENS and dcode == 0:
+        h = _mm(x, lora_a.view(E * r, d_in).t())
     idx = _empty((T, k), dtype=_i32)
     gates = _empty((T, k), dtype=_f32)
     n = _empty((T, E), dtype=_f32)
@@ -157,6 +166,7 @@ def fused_forward(a: LayerArgs) -> LayerOutputs:
         torch.get_num_threads(),
         w.data_ptr() if in_kernel else 0,
         b.data_ptr() if in_kernel and b is not None else 0,
+        h.data_ptr() if h is not None else 0,
     )  # fmt: skip
     return y, idx, gates, n
 
