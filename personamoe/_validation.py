@@ -20,7 +20,9 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def _is_tracing() -> bool:
     if torch.compiler.is_compiling():
         return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    # is_initialized (~0.05 us) rather than is_available (~0.6 us, per check on the decode path):
+    # no stream can be capturing before CUDA is initialised.
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def _require_tensor(name: str, t: object) -> Tensor:
