@@ -3,7 +3,8 @@
     python benchmarks/bench_layer.py                 # every case, every provider
     python benchmarks/bench_layer.py --cases L1 --rounds 400 --rotate-mib 256
 
-Prints the machine, then per case the median time of each provider, its ratio to ``base`` and its
+Prints the machine, then per case the median time of each provider, its ratio to ``base`` (of the
+medians, and "paired": the median of per-round ratios, steadier on a shared machine) and its
 overhead over ``base``; and the two target figures: ``personamoe / base`` and personamoe's
 overhead against the smallest overhead of ``naive``, ``dense`` and ``masked``.
 """
@@ -11,6 +12,7 @@ overhead against the smallest overhead of ``naive``, ``dense`` and ``masked``.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 import torch
@@ -55,7 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         n_sets = bl.sets_for_bytes(case, args.rotate_mib << 20)
         sets = bl.make_weight_sets(case, n_sets)
         rounds = args.rounds or DEFAULT_ROUNDS[name]
-        med = bl.medians(bl.measure(case, args.providers, sets, rounds=rounds, clock=args.clock))
+        samples = bl.measure(case, args.providers, sets, rounds=rounds, clock=args.clock)
+        med = bl.medians(samples)
+        # Paired: median over rounds of (provider / base) within the same round, which cancels
+        # load that drifts slowly on a shared machine.
+        paired = {
+            q: statistics.median(a / b for a, b in zip(samples[q], samples["base"], strict=True))
+            for q in args.providers
+        }
         base = med["base"]
         print(
             f"\n{name}: T={case.tokens} d_in={case.d_in} d_out={case.d_out} E={case.experts} "
@@ -63,10 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{n_sets} weight sets ({n_sets * case.set_bytes() / 2**20:.0f} MiB), {rounds} rounds, "
             f"{args.clock} clock"
         )
-        print(f"  {'provider':<11} {'median us':>10} {'/ base':>7} {'overhead us':>12}")
+        print(
+            f"  {'provider':<11} {'median us':>10} {'/ base':>7} {'paired':>7} {'overhead us':>12}"
+        )
         for prov in args.providers:
             print(f"  {prov:<11} {med[prov] * 1e6:10.1f} {med[prov] / base:7.3f} "
-                  f"{(med[prov] - base) * 1e6:12.1f}")  # fmt: skip
+                  f"{paired[prov]:7.3f} {(med[prov] - base) * 1e6:12.1f}")  # fmt: skip
         others = [med[q] - base for q in ("naive", "dense", "masked") if q in med]
         if "personamoe" in med and others:
             ov = med["personamoe"] - base
