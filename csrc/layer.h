@@ -1,13 +1,17 @@
-// The fused persona-MoE layer on CPU (DESIGN.md §1, steps 1-5 minus the base GEMM): shrink over all
-// experts, scores, top-k, gates (or the fixed mode's weights) and the gated mix of the chosen
-// experts, added in place into y. Free of torch and pybind: raw pointers in, raw pointers out.
+// The fused persona-MoE layer on CPU (DESIGN.md §1): shrink over all experts, scores, top-k,
+// gates (or the fixed mode's weights) and the gated mix of the chosen experts, and for few tokens
+// the base GEMM x W^T + b too. Free of torch and pybind: raw pointers in, raw pointers out.
 //
-// Why the base GEMM x W^T + b is NOT in here (measured on the 2-core dev machine, see
-// benchmarks/README.md): running the base through this file's own micro-kernel (the shrink kernel
-// with W as a bank of one d_out-rank expert) was slower than torch's BLAS (MKL) at T = 16 and
-// T = 256 and only level at T = 1, where the layer is memory-bound on W either way. Keeping it in
-// BLAS and adding into y costs one extra pass over y ([T, d_out], small next to W), so the caller
-// runs torch.nn.functional.linear and then this kernel once.
+// Where the base GEMM runs was decided by measurement (benchmarks/README.md, "Decisions"; the
+// 2-core AVX-512 dev machine, W 2048 x 2048 fp32 rotated from DRAM):
+//  - T <= 32 (the caller's BASE_IN_KERNEL_MAX_TOKENS): inside this kernel, as extra rows of the
+//    shrink. The layer is memory-bound on W there, and this kernel's GEMV-like tiles stream W
+//    faster than BLAS (x W^T alone at 1 thread: 1163 vs 1588 us at T = 1, 7298 vs 7692 us at
+//    T = 16); W, A and B then go through one pass and y is written once (one rounding for
+//    bf16/fp16), with no second call.
+//  - T > 32: through torch's BLAS (MKL) beside the kernel (the caller passes weight = nullptr and a
+//    y that already holds x W^T + b; the kernel adds the mix in place). These tiles are not a
+//    cache-blocked GEMM: x W^T took 90.6 ms against MKL's 43.9 ms at T = 256.
 #pragma once
 
 #include <cstdint>

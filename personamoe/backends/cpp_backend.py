@@ -1,11 +1,13 @@
 """The ``cpp`` backend: the fused CPU kernel of ``personamoe._C`` (``csrc/layer.cpp``).
 
-One call per layer: torch's BLAS computes the base ``x W^T + b`` into ``y`` (why the base is not
-inside the kernel: see ``csrc/layer.h``), then ``_C.layer_forward`` runs shrink, routing and the
-gated mix and adds the mix into ``y`` in place, with the GIL released. fp64 (gradcheck) stays on
-the reference path; fp32, bf16 and fp16 run compiled with fp32 accumulation.
+One C++ call per layer, GIL released, OpenMP over ``torch.get_num_threads()`` threads, AVX-512 /
+AVX2 / generic paths chosen at run time. Up to ``BASE_IN_KERNEL_MAX_TOKENS`` tokens the kernel
+computes the whole layer (base GEMM included); above, torch's BLAS computes ``x W^T + b`` into
+``y`` and the kernel adds the mix in place (the measurements behind this: ``csrc/layer.h``,
+``benchmarks/README.md``). fp64 (gradcheck) stays on the reference path; fp32, bf16 and fp16 run
+compiled with fp32 accumulation. The backward is the op's (``personamoe/ops.py``).
 
-This sits on the decode hot path (~0.5 ms per layer at T = 1), so it avoids every torch op it can:
+This sits on the decode hot path (~0.6-1 ms per layer at T = 1), so it avoids every torch op it can:
 no conversions of already-fp32 contiguous tensors, outputs allocated with ``torch.empty``.
 """
 
