@@ -231,36 +231,10 @@ class PersonaMoELinear(nn.Module):
         ids = persona_ids
         if pb is None and pw is None:
             ids = None  # no table: every token routes freely, the ids have nothing to index
-        check_layer_args(
-            x,
-            self.weight,
-            self.bias,
-            self.lora_A,
-            self.lora_B,
-            self.scaling,
-            self.top_k,
-            self.temperature,
-            self.normalize,
-            self.calibration,
-            pb,
-            ids,
-            pw,
-        )
-        y, idx, gates, n = persona_moe_linear_scores(
-            x,
-            self.weight,
-            self.bias,
-            self.lora_A,
-            self.lora_B,
-            self.scaling,
-            self.top_k,
-            self.temperature,
-            self.normalize,
-            self.calibration,
-            pb,
-            ids,
-            pw,
-        )
+        args = (x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.top_k,
+                self.temperature, self.normalize, self.calibration, pb, ids, pw)  # fmt: skip
+        check_layer_args(*args)
+        y, idx, gates, n = persona_moe_linear_scores(*args)
         if self.record_routing:
             self.last_routing = (idx, gates)
             self.last_scores = n

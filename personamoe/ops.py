@@ -226,36 +226,10 @@ def persona_moe_linear(
     ``x [..., d_in]``; ``persona_ids`` has the leading dims of ``x`` (``-1`` = no persona).
     Returns ``y [..., d_out]`` or ``(y, topk_idx [..., k] int32, topk_gates [..., k] fp32)``.
     """
-    check_layer_args(
-        x,
-        weight,
-        bias,
-        lora_a,
-        lora_b,
-        scaling,
-        top_k,
-        temperature,
-        normalize,
-        calibration,
-        persona_bias,
-        persona_ids,
-        persona_weights,
-    )
-    y, idx, gates, _ = persona_moe_linear_scores(
-        x,
-        weight,
-        bias,
-        lora_a,
-        lora_b,
-        scaling,
-        top_k,
-        float(temperature),
-        normalize,
-        calibration,
-        persona_bias,
-        persona_ids,
-        persona_weights,
-    )
+    args = (x, weight, bias, lora_a, lora_b, scaling, top_k, temperature, normalize, calibration,
+            persona_bias, persona_ids, persona_weights)  # fmt: skip
+    check_layer_args(*args)
+    y, idx, gates, _ = persona_moe_linear_scores(*args)
     if return_routing:
         return y, idx, gates
     return y
