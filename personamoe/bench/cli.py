@@ -21,7 +21,7 @@ from personamoe.bench.runner import Result, describe_machine, machine_info, rati
 LAYER_CASES = tuple(bl.CASES)
 ALL_CASES = (*LAYER_CASES, "M")
 # Rounds per case: --quick keeps the default run under 3 minutes on a 2-core machine.
-QUICK_ROUNDS = {"L1": 150, "L16": 80, "L256": 20, "M": 2}
+QUICK_ROUNDS = {"L1": 150, "L16": 80, "L256": 20, "M": 3}
 FULL_ROUNDS = {"L1": 400, "L16": 200, "L256": 40, "M": 5}
 QUICK_NEW_TOKENS = 8
 
@@ -166,6 +166,7 @@ def plot(results: list[Result], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         _log("matplotlib is not installed: no plot (pip install 'personamoe[bench]')")
         return False
@@ -176,11 +177,15 @@ def plot(results: list[Result], path: Path) -> bool:
         base = next((r.median for r in rs if r.provider == "base"), None)
         vals = [r.median / base if base else r.median for r in rs]
         colors = ["tab:green" if r.provider == "personamoe" else "tab:gray" for r in rs]
-        ax.bar([r.provider for r in rs], vals, color=colors)
+        bars = ax.bar([r.provider for r in rs], vals, color=colors)
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in vals], fontsize=8)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_title(case)
         ax.set_ylabel("time / base (median)")
-        ax.set_yscale("log")
+        if max(vals) > 4:  # X-LoRA in the model case: a log scale keeps the others readable
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.tick_params(axis="x", rotation=60)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
