@@ -13,8 +13,6 @@ measured with its weights sitting in cache; :func:`measure` times the providers 
 from __future__ import annotations
 
 import math
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +24,7 @@ from torch import Tensor
 
 import personamoe
 from personamoe import reference
+from personamoe.bench import runner
 
 __all__ = [
     "CASES",
@@ -232,22 +231,8 @@ def medians(samples: dict[str, list[float]]) -> dict[str, float]:
 
 def machine_info() -> str:
     """CPU model, core count, torch version and threads, the ISA path of the C++ kernel."""
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        from personamoe.backends.cpp_backend import active_isa
-
-        isa = active_isa()
-    except Exception as e:  # the extension may be missing on a broken install
-        isa = f"unavailable ({e})"
+    info = runner.machine_info()
     return (
-        f"{model}; {os.cpu_count()} logical cores; torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads); personamoe cpp path: {isa}"
+        f"{info['cpu']}; {info['cores']} logical cores; torch {info['torch']} "
+        f"({info['torch_threads']} threads); personamoe cpp path: {info['cpp_isa']}"
     )

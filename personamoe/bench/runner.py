@@ -118,13 +118,20 @@ def machine_info() -> dict[str, Any]:
         except Exception:  # not installed, or fails to import here: report, don't fail
             info[mod] = None
     info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    try:
+        from personamoe.backends.cpp_backend import active_isa
+
+        info["cpp_isa"] = active_isa()
+    except Exception as e:  # the extension may be missing on a broken install: report it
+        info["cpp_isa"] = f"unavailable ({e})"
     return info
 
 
 def describe_machine(info: dict[str, Any]) -> str:
     gpu = f", GPU {info['gpu']}" if info.get("gpu") else ", no GPU"
     return (
-        f"{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads){gpu}; "
+        f"{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads, C++ path "
+        f"{info['cpp_isa']}){gpu}; "
         f"torch {info['torch']}, triton {info['triton']}, transformers {info['transformers']}, "
         f"peft {info['peft']}, Python {info['python']}"
     )
