@@ -68,49 +68,10 @@ def _fake(
     )
 
 
-_SAVED = (
-    "x",
-    "weight",
-    "bias",
-    "lora_a",
-    "lora_b",
-    "scaling",
-    "calibration",
-    "persona_bias",
-    "persona_ids",
-    "persona_weights",
-)
-
-
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    (
-        x,
-        weight,
-        bias,
-        lora_a,
-        lora_b,
-        scaling,
-        top_k,
-        temperature,
-        normalize,
-        calibration,
-        persona_bias,
-        persona_ids,
-        persona_weights,
-    ) = inputs
-    ctx.save_for_backward(
-        x,
-        weight,
-        bias,
-        lora_a,
-        lora_b,
-        scaling,
-        calibration,
-        persona_bias,
-        persona_ids,
-        persona_weights,
-        output[1],
-    )
+    # Inputs in schema order: six tensors, (top_k, temperature, normalize), four optional tables.
+    tensors, (top_k, temperature, normalize), tables = inputs[:6], inputs[6:9], inputs[9:]
+    ctx.save_for_backward(*tensors, *tables, output[1])
     ctx.top_k, ctx.temperature, ctx.normalize = top_k, temperature, normalize
 
 
