@@ -50,6 +50,7 @@ import torch  # noqa: E402
 
 import personamoe  # noqa: E402
 from personamoe import ops, reference  # noqa: E402
+from personamoe.layer_args import LayerArgs  # noqa: E402
 
 T0 = time.monotonic()
 DEV = "cpu" if SMOKE else "cuda"
@@ -150,11 +151,11 @@ def run_backend(layer, top_k, backend, *, regime="auto", base="auto", **kw):
     launchers.BASE_MODE = base if base in ("auto", "torch", "fused") else "auto"
     try:
         with personamoe.use_backend(backend):
-            return ops.persona_moe_linear_scores(
+            return ops.persona_moe_linear_scores(LayerArgs(
                 layer["x"], layer["weight"], layer["bias"], layer["lora_a"], layer["lora_b"],
                 layer["scaling"], top_k, kw.get("temperature", 1.0), kw.get("normalize", "topk"),
                 kw.get("calibration"), kw.get("persona_bias"), kw.get("persona_ids"),
-                kw.get("persona_weights"),
+                kw.get("persona_weights")),
             )  # fmt: skip
     finally:
         launchers.MIX_REGIME, launchers.BASE_MODE = "auto", "auto"
@@ -283,10 +284,10 @@ def graphs_section() -> list[dict[str, Any]]:
                 torch.cuda.current_stream().wait_stream(s)
                 g = torch.cuda.CUDAGraph()
                 with personamoe.use_backend(be), torch.cuda.graph(g):
-                    out = ops.persona_moe_linear_scores(
+                    out = ops.persona_moe_linear_scores(LayerArgs(
                         layer["x"], layer["weight"], layer["bias"], layer["lora_a"],
                         layer["lora_b"], layer["scaling"], 2, 1.0, "topk", None, None, None, None,
-                    )  # fmt: skip
+                    ))  # fmt: skip
                 ok = True
                 for _ in range(3):
                     layer["x"].copy_(torch.randn_like(layer["x"]))
@@ -378,9 +379,9 @@ def bench_section(info: dict[str, Any], out: Path, budget: float) -> list[dict[s
 
         def pm_op(x, w, kk, backend, regime="auto", base="auto"):
             launchers.MIX_REGIME, launchers.BASE_MODE = regime, base
-            return ops.persona_moe_linear_scores(x, w.weight, w.bias, w.lora_a, w.lora_b,
-                                                 w.scaling, kk, 1.0, "topk", None, None, None,
-                                                 None)[0]  # fmt: skip
+            return ops.persona_moe_linear_scores(LayerArgs(x, w.weight, w.bias, w.lora_a,
+                                                 w.lora_b, w.scaling, kk, 1.0, "topk", None, None,
+                                                 None, None))[0]  # fmt: skip
 
         def pm_op_cublas(x, w, kk):
             from personamoe.backends import cuda_launch

@@ -30,7 +30,8 @@ The thresholds are module constants (tests and ``benchmarks/gpu_check.py`` set `
 ``BASE_MODE`` to force a path); they are functions of shapes only, so each CUDA-graph capture fixes
 one path. Not measured on a GPU yet: ``benchmarks/gpu_check.py`` reports every variant.
 
-fp64 inputs (gradcheck) go to the reference: the kernels are for fp32/fp16/bf16.
+fp64 inputs (gradcheck) never reach here: the backend sends them to the reference
+(``personamoe.backends.base.Backend.forward``); the kernels are for fp32/fp16/bf16.
 """
 
 from __future__ import annotations
@@ -41,8 +42,7 @@ import torch
 from personamoe.kernels.mix import grouped_expand, linear_mix
 from personamoe.kernels.shrink_route import route, shrink
 
-from personamoe import reference
-from personamoe.backends.base import LayerArgs, LayerOutputs
+from personamoe.layer_args import LayerArgs, LayerOutputs
 
 __all__ = ["BASE_MODE", "MIX_REGIME", "choose_paths", "persona_moe_linear"]
 
@@ -72,13 +72,6 @@ def choose_paths(T: int, E: int, r: int, k: int, fixed: bool) -> tuple[str, str]
 def persona_moe_linear(a: LayerArgs) -> LayerOutputs:
     """The layer of DESIGN.md §1 on 2-D ``x``: ``(y, topk_idx, topk_gates, scores)``."""
     x = a.x
-    if x.dtype == torch.float64:
-        return reference.persona_moe_linear_full(
-            x, a.weight, a.bias, a.lora_a, a.lora_b, a.scaling,
-            top_k=a.top_k, temperature=a.temperature, normalize=a.normalize,
-            calibration=a.calibration, persona_bias=a.persona_bias, persona_ids=a.persona_ids,
-            persona_weights=a.persona_weights,
-        )  # fmt: skip
     T = x.shape[0]
     E, r, _ = a.lora_a.shape
     d_out = a.weight.shape[0]

@@ -13,7 +13,9 @@ import weakref
 import torch
 from torch import Tensor
 
-NORMALIZE_MODES = ("topk", "full")
+from personamoe.layer_args import LayerArgs
+from personamoe.options import NORMALIZE_MODES, check_choice
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -79,22 +81,10 @@ def _check_float_vector(name: str, t: Tensor | None, E: int, x: Tensor, *, posit
             _remember_values_ok(t, positive)
 
 
-def check_layer_args(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    scaling: Tensor,
-    top_k: int,
-    temperature: float,
-    normalize: str,
-    calibration: Tensor | None,
-    persona_bias: Tensor | None,
-    persona_ids: Tensor | None,
-    persona_weights: Tensor | None,
-) -> None:
+def check_layer_args(args: LayerArgs) -> None:
     """Raise ``TypeError``/``ValueError`` naming the argument, the expected and the actual value."""
+    (x, weight, bias, lora_a, lora_b, scaling, top_k, temperature, normalize, calibration,
+     persona_bias, persona_ids, persona_weights) = args  # fmt: skip
     _require_tensor("x", x)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x: expected one of {[str(d) for d in FLOAT_DTYPES]}, got {x.dtype}")
@@ -138,8 +128,7 @@ def check_layer_args(
         or not (math.isfinite(temperature) and temperature > 0)
     ):
         raise ValueError(f"temperature: expected a finite float > 0, got {temperature!r}")
-    if normalize not in NORMALIZE_MODES:
-        raise ValueError(f"normalize: expected one of {NORMALIZE_MODES}, got {normalize!r}")
+    check_choice("normalize", normalize, NORMALIZE_MODES)
 
     if persona_bias is not None and persona_weights is not None:
         raise ValueError(

@@ -12,8 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from personamoe._validation import NORMALIZE_MODES, check_layer_args
+from personamoe._validation import check_layer_args
+from personamoe.layer_args import LayerArgs
 from personamoe.ops import persona_moe_linear_scores
+from personamoe.options import NORMALIZE_MODES
 
 __all__ = ["PersonaMoELinear"]
 
@@ -231,10 +233,11 @@ class PersonaMoELinear(nn.Module):
         ids = persona_ids
         if pb is None and pw is None:
             ids = None  # no table: every token routes freely, the ids have nothing to index
-        args = (x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.top_k,
-                self.temperature, self.normalize, self.calibration, pb, ids, pw)  # fmt: skip
-        check_layer_args(*args)
-        y, idx, gates, n = persona_moe_linear_scores(*args)
+        args = LayerArgs(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                         self.top_k, self.temperature, self.normalize, self.calibration, pb, ids,
+                         pw)  # fmt: skip
+        check_layer_args(args)
+        y, idx, gates, n = persona_moe_linear_scores(args)
         if self.record_routing:
             self.last_routing = (idx, gates)
             self.last_scores = n

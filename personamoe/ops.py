@@ -19,7 +19,8 @@ from torch import Tensor
 
 from personamoe import reference
 from personamoe._validation import check_layer_args
-from personamoe.backends import LayerArgs, resolve_backend
+from personamoe.backends import resolve_backend
+from personamoe.layer_args import LayerArgs
 
 __all__ = ["persona_moe_linear", "persona_moe_linear_op"]
 
@@ -187,58 +188,30 @@ def persona_moe_linear(
     ``x [..., d_in]``; ``persona_ids`` has the leading dims of ``x`` (``-1`` = no persona).
     Returns ``y [..., d_out]`` or ``(y, topk_idx [..., k] int32, topk_gates [..., k] fp32)``.
     """
-    args = (x, weight, bias, lora_a, lora_b, scaling, top_k, temperature, normalize, calibration,
-            persona_bias, persona_ids, persona_weights)  # fmt: skip
-    check_layer_args(*args)
-    y, idx, gates, _ = persona_moe_linear_scores(*args)
+    args = LayerArgs(x, weight, bias, lora_a, lora_b, scaling, top_k, temperature, normalize,
+                     calibration, persona_bias, persona_ids, persona_weights)  # fmt: skip
+    check_layer_args(args)
+    y, idx, gates, _ = persona_moe_linear_scores(args)
     if return_routing:
         return y, idx, gates
     return y
 
 
-def persona_moe_linear_scores(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    scaling: Tensor,
-    top_k: int,
-    temperature: float,
-    normalize: str,
-    calibration: Tensor | None,
-    persona_bias: Tensor | None,
-    persona_ids: Tensor | None,
-    persona_weights: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def persona_moe_linear_scores(args: LayerArgs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Unvalidated: ``(y, topk_idx, topk_gates, scores)`` with the leading dims of ``x`` restored."""
+    x, ids = args.x, args.persona_ids
     lead = x.shape[:-1]
     flat = x.dim() == 2  # the common case: no reshapes in or out (each costs ~1 us at decode)
-    x2 = x if flat else x.reshape(-1, x.shape[-1])
-    ids = (
-        persona_ids.reshape(-1)
-        if persona_ids is not None and persona_ids.dim() != 1
-        else persona_ids
-    )
-    args = (
-        x2,
-        weight,
-        bias,
-        lora_a,
-        lora_b,
-        scaling,
-        top_k,
-        temperature,
-        normalize,
-        calibration,
-        persona_bias,
-        ids,
-        persona_weights,
-    )
-    if _needs_op((x, weight, bias, lora_a, lora_b)):
+    if not flat:
+        x = x.reshape(-1, x.shape[-1])
+    if ids is not None and ids.dim() != 1:
+        ids = ids.reshape(-1)
+    if x is not args.x or ids is not args.persona_ids:
+        args = args._replace(x=x, persona_ids=ids)
+    if _needs_op((args.x, args.weight, args.bias, args.lora_a, args.lora_b)):
         y, idx, gates, n = persona_moe_linear_op(*args)
     else:
-        y, idx, gates, n = _run_backend(*args)
+        y, idx, gates, n = resolve_backend(x.device, args).forward(args)
     if flat:
         return y, idx, gates, n
     return (

@@ -13,10 +13,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from personamoe.layer_args import LayerArgs, LayerOutputs
+from personamoe.options import NORMALIZE_MODES
+
 __all__ = [
     "compute_dtype",
     "expand",
     "fixed_route",
+    "forward",
     "gates_for",
     "load_balancing_loss",
     "persona_moe_linear",
@@ -25,8 +29,6 @@ __all__ = [
     "scores",
     "shrink",
 ]
-
-NORMALIZE_MODES = ("topk", "full")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -232,6 +234,19 @@ def persona_moe_linear(
     if not return_routing:
         return y
     return y, idx.reshape(*lead, idx.shape[-1]), gates.reshape(*lead, gates.shape[-1])
+
+
+def forward(args: LayerArgs) -> LayerOutputs:
+    """The op's four outputs for a :class:`~personamoe.layer_args.LayerArgs` on 2-D ``x``: the
+    contract every backend is compared against, and where backends send what their kernels do not
+    take (fp64 for gradcheck, shapes outside a specialised kernel)."""
+    a = args
+    return persona_moe_linear_full(
+        a.x, a.weight, a.bias, a.lora_a, a.lora_b, a.scaling,
+        top_k=a.top_k, temperature=a.temperature, normalize=a.normalize,
+        calibration=a.calibration, persona_bias=a.persona_bias, persona_ids=a.persona_ids,
+        persona_weights=a.persona_weights,
+    )  # fmt: skip
 
 
 def load_balancing_loss(

@@ -2,38 +2,25 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import torch
 
-from torch import Tensor
+from personamoe import reference
+from personamoe.layer_args import LayerArgs, LayerOutputs
 
-
-class LayerArgs(NamedTuple):
-    """The op's arguments, with ``x [T, d_in]`` already flattened and ``persona_ids [T]``."""
-
-    x: Tensor
-    weight: Tensor
-    bias: Tensor | None
-    lora_a: Tensor
-    lora_b: Tensor
-    scaling: Tensor
-    top_k: int
-    temperature: float
-    normalize: str
-    calibration: Tensor | None
-    persona_bias: Tensor | None
-    persona_ids: Tensor | None
-    persona_weights: Tensor | None
-
-
-LayerOutputs = tuple[Tensor, Tensor, Tensor, Tensor]
-"""``(y [T, d_out] dtype of x, topk_idx [T, k] int32, topk_gates [T, k] fp32, scores [T, E] fp32)``."""
+__all__ = ["Backend", "LayerArgs", "LayerOutputs"]
 
 
 class Backend:
-    """Base class: subclasses set ``name``/``device_types`` and implement ``forward``."""
+    """Base class: subclasses set ``name``/``device_types`` and implement ``run``.
+
+    ``forward`` is the one place where a call the compiled kernels do not take goes to the
+    reference instead: inputs whose dtype is not in ``kernel_dtypes`` (fp64, for gradcheck; the
+    kernels accumulate in fp32, which would fail a float64 gradcheck).
+    """
 
     name: str = ""
     device_types: tuple[str, ...] = ()
+    kernel_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
     def available(self) -> tuple[bool, str]:
         """``(True, "")`` when usable here, else ``(False, reason)``."""
@@ -48,4 +35,11 @@ class Backend:
         return True
 
     def forward(self, args: LayerArgs) -> LayerOutputs:
+        """The layer's four outputs; dtypes outside ``kernel_dtypes`` run the reference."""
+        if args.x.dtype not in self.kernel_dtypes:
+            return reference.forward(args)
+        return self.run(args)
+
+    def run(self, args: LayerArgs) -> LayerOutputs:
+        """The backend's own kernels, for inputs of a dtype in ``kernel_dtypes``."""
         raise NotImplementedError

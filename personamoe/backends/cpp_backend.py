@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from personamoe import reference
 from personamoe.backends.base import Backend, LayerArgs, LayerOutputs
 
 _NORMALIZE_CODE = {"topk": 0, "full": 1}
@@ -180,13 +179,5 @@ class CppBackend(Backend):
     def available(self) -> tuple[bool, str]:
         return _ext_status()
 
-    def forward(self, a: LayerArgs) -> LayerOutputs:
-        if a.x.dtype in _DTYPE_CODE:
-            return fused_forward(a)
-        # fp64 (gradcheck): the compiled kernel is fp32-accumulating; keep full precision in torch.
-        return reference.persona_moe_linear_full(
-            a.x, a.weight, a.bias, a.lora_a, a.lora_b, a.scaling,
-            top_k=a.top_k, temperature=a.temperature, normalize=a.normalize,
-            calibration=a.calibration, persona_bias=a.persona_bias, persona_ids=a.persona_ids,
-            persona_weights=a.persona_weights,
-        )  # fmt: skip
+    def run(self, a: LayerArgs) -> LayerOutputs:
+        return fused_forward(a)

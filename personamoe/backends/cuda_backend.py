@@ -41,7 +41,7 @@ class CudaBackend(Backend):
 
         return cuda_launch.covers(args)
 
-    def forward(self, args: LayerArgs) -> LayerOutputs:
+    def run(self, args: LayerArgs) -> LayerOutputs:
         from personamoe.backends import cuda_launch
 
         return cuda_launch.persona_moe_linear(args)

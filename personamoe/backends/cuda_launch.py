@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from personamoe import reference
-from personamoe.backends.base import LayerArgs, LayerOutputs
+from personamoe.layer_args import LayerArgs, LayerOutputs
 
 __all__ = ["covers", "persona_moe_linear"]
 
@@ -50,16 +50,14 @@ def covers(a: LayerArgs) -> bool:
 
 
 def _fallback(a: LayerArgs) -> LayerOutputs:
-    try:
-        from personamoe.kernels import launchers
-    except ImportError:
-        return reference.persona_moe_linear_full(
-            a.x, a.weight, a.bias, a.lora_a, a.lora_b, a.scaling,
-            top_k=a.top_k, temperature=a.temperature, normalize=a.normalize,
-            calibration=a.calibration, persona_bias=a.persona_bias, persona_ids=a.persona_ids,
-            persona_weights=a.persona_weights,
-        )  # fmt: skip
-    return launchers.persona_moe_linear(a)
+    """Calls the decode kernel does not cover: the Triton backend (which sends fp64 on to the
+    reference), or the reference where Triton is missing."""
+    from personamoe.backends.triton_backend import TritonBackend
+
+    triton = TritonBackend()
+    if triton.available()[0]:
+        return triton.forward(a)
+    return reference.forward(a)
 
 
 def _get_counters(device: torch.device, stream: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ class TritonBackend(Backend):
         # The interpreter runs the kernels on CPU tensors, slowly: only when asked for by name.
         return explicit and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
-    def forward(self, args: LayerArgs) -> LayerOutputs:
+    def run(self, args: LayerArgs) -> LayerOutputs:
         from personamoe.kernels import launchers
 
         return launchers.persona_moe_linear(args)

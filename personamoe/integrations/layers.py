@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from personamoe import reference
 from personamoe._validation import check_layer_args
+from personamoe.layer_args import LayerArgs
 from personamoe.nn import PersonaMoELinear
 from personamoe.ops import persona_moe_linear_scores
 from personamoe.personas import PersonaState
@@ -203,7 +204,9 @@ class PersonaLayer(PersonaMoELinear):
         weights: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
         w = self.base_weight()
-        cal = self._calibration()
+        args = LayerArgs(x, w, self.bias, self.lora_A, self.lora_B, self.scaling, self.top_k,
+                         self.temperature, self.normalize, self._calibration(), bias, tok,
+                         weights)  # fmt: skip
         # Persona ids and tables are built here, in range, and the bank was checked when it was
         # built: per call only ``x`` can be wrong. Cheap attribute checks first; the shared
         # validator (which reads data, a host sync on GPUs) runs only to word an error. Under
@@ -212,12 +215,8 @@ class PersonaLayer(PersonaMoELinear):
             x.dtype == w.dtype and x.device == w.device and x.dim() >= 1
             and x.shape[-1] == self.in_features
         ):  # fmt: skip
-            check_layer_args(x, w, self.bias, self.lora_A, self.lora_B, self.scaling, self.top_k,
-                             self.temperature, self.normalize, cal, bias, None, None)  # fmt: skip
-        return persona_moe_linear_scores(
-            x, w, self.bias, self.lora_A, self.lora_B, self.scaling, self.top_k,
-            self.temperature, self.normalize, cal, bias, tok, weights,
-        )  # fmt: skip
+            check_layer_args(args._replace(persona_ids=None, persona_weights=None))
+        return persona_moe_linear_scores(args)
 
     def _token_route(self, x: Tensor, tok: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if tok is None:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from personamoe import reference
+from personamoe.layer_args import LayerArgs
 from personamoe.ops import persona_moe_linear_scores
 
 __all__ = [
@@ -153,8 +154,9 @@ def column_parallel_forward(
     """This rank's output rows ``[T, d_out/P]``: the persona op on the shard, no communication
     (``x`` and ``A`` replicated give the same ``h`` and the same routing on every rank)."""
     y, _, _, _ = persona_moe_linear_scores(
-        x, shard.weight, shard.bias, shard.lora_a, shard.lora_b, scaling, top_k,
-        float(temperature), normalize, calibration, persona_bias, persona_ids, persona_weights,
+        LayerArgs(x, shard.weight, shard.bias, shard.lora_a, shard.lora_b, scaling, top_k,
+                  float(temperature), normalize, calibration, persona_bias, persona_ids,
+                  persona_weights)
     )  # fmt: skip
     return y
 

@@ -30,6 +30,7 @@ from vllm.model_executor.layers.linear import (
 from personamoe.integrations import tp
 from personamoe.integrations.export import ExportError, PersonaSection, read_bank_tensors
 from personamoe.integrations.vllm.config import current_section, part_targets
+from personamoe.layer_args import LayerArgs
 from personamoe.ops import persona_moe_linear_scores
 
 __all__ = [
@@ -165,8 +166,8 @@ class PersonaLinearMethod(UnquantizedLinearMethod):
         ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if pb is not None else None
         sec = self.section
         y, _, _, _ = persona_moe_linear_scores(
-            x, w, b, bank["lora_A"], bank["lora_B"], bank["scaling"], sec.top_k,  # type: ignore[arg-type]
-            sec.temperature, sec.normalize, bank["calibration"], pb, ids, None,
+            LayerArgs(x, w, b, bank["lora_A"], bank["lora_B"], bank["scaling"], sec.top_k,  # type: ignore[arg-type]
+                      sec.temperature, sec.normalize, bank["calibration"], pb, ids, None)
         )  # fmt: skip
         return y
 

@@ -1,0 +1,33 @@
+"""The names of every routing option, in one place, with the one check that enforces them.
+
+A leaf module: the reference, the validation, the layers, the Hugging Face integration, the bank
+files and the export all read their choices from here, so adding a mode is a change of one tuple
+(and of the code that implements it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["CALIBRATIONS", "NORMALIZE_MODES", "ROUTING_MODES", "SERVABLE_ROUTINGS", "check_choice"]
+
+NORMALIZE_MODES = ("topk", "full")
+"""How gates are normalised: softmax over the chosen top-k, or over every expert (docs/design.md §1)."""
+
+ROUTING_MODES = ("token", "sequence", "fixed", "merged")
+"""How an injected model chooses experts: per token, once per prompt, a fixed mixture, or folded
+into the base weights."""
+
+SERVABLE_ROUTINGS = ("token",)
+"""The routing modes an export may carry (a server routes per token)."""
+
+CALIBRATIONS = ("none", "frobenius")
+"""How expert scores are put on one scale: not at all, or divided by ``||A_e||_F``."""
+
+
+def check_choice(name: str, value: object, choices: Sequence[str], where: str = "") -> str:
+    """``value`` when it is one of ``choices``, else ``ValueError`` naming the argument."""
+    if not isinstance(value, str) or value not in choices:
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}{name}: expected one of {tuple(choices)}, got {value!r}")
+    return value
