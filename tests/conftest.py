@@ -40,7 +40,9 @@ def _column_symmetric_interpreter_dot() -> None:
         if a.dtype.primitive_bitwidth == 8 or b.dtype.primitive_bitwidth == 8:
             return original(self, a, b, d, input_precision, max_num_imprecise_acc)
         out = d.data.dtype
-        prod = np.einsum("...mk,...kn->...mn", a.data.astype(out), b.data.astype(out), optimize=False)
+        prod = np.einsum(
+            "...mk,...kn->...mn", a.data.astype(out), b.data.astype(out), optimize=False
+        )
         return interpreter.TensorHandle(prod + d.data, d.dtype.scalar)
 
     builder.create_dot = create_dot
