@@ -16,6 +16,8 @@ from torch import Tensor
 from personamoe.layer_args import LayerArgs
 from personamoe.options import NORMALIZE_MODES, check_choice
 
+# Below this, scores / temperature overflows float32 for scores of ordinary size (|n| ~ 1e-2..1e3).
+_MIN_TEMPERATURE = 1e-30
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -63,7 +65,9 @@ def _remember_values_ok(t: Tensor, positive: bool) -> None:
     _VALUES_OK[key] = (weakref.ref(t, lambda _r: _VALUES_OK.pop(key, None)), t._version, positive)
 
 
-def _check_float_vector(name: str, t: Tensor | None, E: int, x: Tensor, *, positive: bool) -> None:
+def _check_float_vector(
+    name: str, t: Tensor | None, E: int, x: Tensor, *, positive: bool, reads: bool
+) -> None:
     if t is None:
         return
     _require_tensor(name, t)
@@ -71,18 +75,41 @@ def _check_float_vector(name: str, t: Tensor | None, E: int, x: Tensor, *, posit
     _check_same(name, t, x, dtype=False)
     if not t.is_floating_point():
         raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
-    if not _is_tracing() and not _values_known_ok(t, positive):
-        bad = ~torch.isfinite(t) | ((t <= 0) if positive else torch.zeros_like(t, dtype=torch.bool))
+    if reads and not _values_known_ok(t, positive):
+        # Checked as the kernels read it (fp32): a float64 1e300 is finite there only as inf.
+        f = t.detach().float()
+        bad = ~torch.isfinite(f) | ((f <= 0) if positive else torch.zeros_like(f, dtype=torch.bool))
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
-            want = "finite and > 0" if positive else "finite"
+            want = "finite and > 0 in float32" if positive else "finite in float32"
             raise ValueError(f"{name}: expected every entry {want}, got {t[i].item()} at index {i}")
         if not (t.requires_grad or t.is_inference()):  # no version counter to trust
             _remember_values_ok(t, positive)
 
 
-def check_layer_args(args: LayerArgs) -> None:
-    """Raise ``TypeError``/``ValueError`` naming the argument, the expected and the actual value."""
+def _check_table_values(name: str, table: Tensor) -> None:
+    """A persona bias may hold ``-inf`` (expert forbidden) but no NaN or ``+inf``; a weight table
+    only finite values (in float32, as the kernels read them)."""
+    f = table.detach().float()
+    bad = torch.isnan(f) | (f == float("inf"))
+    if name == "persona_weights":
+        bad = bad | torch.isneginf(f)
+    if bool(bad.any()):
+        p, e = (int(v) for v in bad.nonzero()[0])
+        want = "finite" if name == "persona_weights" else "finite or -inf"
+        raise ValueError(
+            f"{name}: expected every entry {want} in float32, got {table[p, e].item()} at [{p}, {e}]"
+        )
+
+
+def check_layer_args(args: LayerArgs, *, values: bool = True) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument, the expected and the actual value.
+
+    Shapes, dtypes and devices are always checked (no data is read). ``values=True`` also checks
+    what only the data can tell (finite scaling, ids in range, ...) in eager mode; the op's own
+    implementation passes ``values=False``: every door into the kernels gets the structural checks,
+    which are what keeps a kernel inside its arrays.
+    """
     (x, weight, bias, lora_a, lora_b, scaling, top_k, temperature, normalize, calibration,
      persona_bias, persona_ids, persona_weights) = args  # fmt: skip
     _require_tensor("x", x)
@@ -94,6 +121,10 @@ def check_layer_args(args: LayerArgs) -> None:
     if weight.dim() != 2:
         raise ValueError(f"weight: expected 2 dims [d_out, d_in], got shape {list(weight.shape)}")
     d_out, d_in = weight.shape
+    if d_in < 1:
+        raise ValueError(
+            f"weight: expected d_in >= 1 input features, got shape {list(weight.shape)}"
+        )
     if x.shape[-1] != d_in:
         raise ValueError(f"x: expected last dim d_in = {d_in} (from weight), got {x.shape[-1]}")
     _check_same("weight", weight, x)
@@ -114,9 +145,10 @@ def check_layer_args(args: LayerArgs) -> None:
     _require_tensor("lora_b", lora_b)
     _check_shape("lora_b", lora_b, (E, d_out, r), "[E, d_out, r]")
     _check_same("lora_b", lora_b, x)
+    reads = values and not _is_tracing()
     _require_tensor("scaling", scaling)
-    _check_float_vector("scaling", scaling, E, x, positive=False)
-    _check_float_vector("calibration", calibration, E, x, positive=True)
+    _check_float_vector("scaling", scaling, E, x, positive=False, reads=reads)
+    _check_float_vector("calibration", calibration, E, x, positive=True, reads=reads)
 
     if isinstance(top_k, bool) or not isinstance(top_k, int):
         raise TypeError(f"top_k: expected an int, got {type(top_k).__name__}")
@@ -124,10 +156,15 @@ def check_layer_args(args: LayerArgs) -> None:
         raise ValueError(f"top_k: expected 1 <= top_k <= E = {E}, got {top_k}")
     # Under torch.compile(dynamic=True) a float may arrive symbolic: its value is checked in eager.
     if not _is_tracing() and (
-        not isinstance(temperature, (int, float))
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
         or not (math.isfinite(temperature) and temperature > 0)
+        or temperature < _MIN_TEMPERATURE
     ):
-        raise ValueError(f"temperature: expected a finite float > 0, got {temperature!r}")
+        raise ValueError(
+            f"temperature: expected a finite float > 0 (and >= {_MIN_TEMPERATURE:g}, so that "
+            f"scores / temperature stays finite in float32), got {temperature!r}"
+        )
     check_choice("normalize", normalize, NORMALIZE_MODES)
 
     if persona_bias is not None and persona_weights is not None:
@@ -146,6 +183,8 @@ def check_layer_args(args: LayerArgs) -> None:
         _check_same(table_name, table, x, dtype=False)
         if not table.is_floating_point():
             raise TypeError(f"{table_name}: expected a floating dtype, got {table.dtype}")
+        if reads:
+            _check_table_values(table_name, table)
     if persona_weights is not None and persona_ids is None:
         raise ValueError("persona_ids: expected per-token ids with persona_weights, got None")
     if persona_ids is not None:
@@ -160,7 +199,7 @@ def check_layer_args(args: LayerArgs) -> None:
                 f"persona_ids: expected shape {list(lead)} (the leading dims of x), "
                 f"got {list(persona_ids.shape)}"
             )
-        if table is not None and persona_ids.numel() and not _is_tracing():
+        if table is not None and persona_ids.numel() and reads:
             P = table.shape[0]
             lo, hi = int(persona_ids.min()), int(persona_ids.max())
             if lo < -1 or hi >= P:

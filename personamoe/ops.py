@@ -34,7 +34,14 @@ _lib.define(
 
 
 def _run_backend(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The op's CPU/CUDA implementation: reached by compile, autograd, the vLLM plugin and users
+    calling ``torch.ops.personamoe.persona_moe_linear`` directly, none of which ran the public
+    function's checks. Shapes, dtypes and devices are checked here (no data read, no sync), so no
+    door reaches a kernel with arrays smaller than the kernel will index."""
     la = LayerArgs(*args)
+    check_layer_args(la, values=False)
+    if la.x.dim() != 2:
+        raise ValueError(f"x: expected 2 dims [T, d_in] at the op, got shape {list(la.x.shape)}")
     return resolve_backend(la.x.device, la).forward(la)
 
 
@@ -67,6 +74,10 @@ def _fake(
         x.new_empty(T, k, dtype=torch.float32),
         x.new_empty(T, E, dtype=torch.float32),
     )
+
+
+# Schema positions of the tensor inputs that get no gradient from the op.
+_NO_GRAD_INPUTS = {5: "scaling", 9: "calibration", 10: "persona_bias", 12: "persona_weights"}
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
@@ -103,6 +114,21 @@ def _backward(
         topk_idx,
     ) = ctx.saved_tensors
     wants = ctx.needs_input_grad
+    if torch.is_grad_enabled():
+        # create_graph=True: the replay below differentiates detached leaves, so a second
+        # derivative through it would be silently wrong. Refuse rather than return it.
+        raise RuntimeError(
+            "persona_moe_linear: double backward (create_graph=True) is not supported; "
+            "differentiate the reference (personamoe.reference.persona_moe_linear) for "
+            "higher-order gradients"
+        )
+    for i, name in _NO_GRAD_INPUTS.items():
+        if wants[i]:
+            raise RuntimeError(
+                f"{name}: expected a tensor that does not require grad (the op gives gradients "
+                "to x, weight, bias, lora_a and lora_b only), got requires_grad=True; "
+                f"detach it, or train it through personamoe.reference"
+            )
     diff_inputs = {0: x, 1: weight, 2: bias, 3: lora_a, 4: lora_b}
     grads: list[Tensor | None] = [None] * 13
     # The base term x W^T + b is linear: its gradients are one GEMM each, so the replay below

@@ -7,6 +7,7 @@ for compiled models too. ``PERSONAMOE_BACKEND`` sets the initial choice.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from collections.abc import Iterator
 
@@ -38,6 +39,11 @@ BACKEND_NAMES = ("auto", *_BACKENDS)
 _AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 _current: str = os.environ.get("PERSONAMOE_BACKEND", "auto").strip().lower() or "auto"
+# ``use_backend`` blocks: per thread and per asyncio task (a context variable), so one thread's
+# block never changes the backend another thread runs; ``set_backend`` stays process-wide.
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "personamoe_backend", default=None
+)
 
 
 def _check_name(name: str, source: str) -> str:
@@ -57,20 +63,20 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
-    """The backend name currently chosen (may be ``"auto"``)."""
-    return _current
+    """The backend name currently chosen (may be ``"auto"``): the innermost ``use_backend`` block
+    of this thread, else the process-wide ``set_backend`` choice."""
+    scoped = _scoped.get()
+    return _current if scoped is None else scoped
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Context manager: run the block with backend ``name``, then restore the previous choice."""
-    global _current
-    previous = _current
-    set_backend(name)
+    """Context manager: run the block with backend ``name`` (in this thread only), then restore."""
+    token = _scoped.set(_check_name(str(name).strip().lower(), "backend"))
     try:
         yield
     finally:
-        _current = previous
+        _scoped.reset(token)
 
 
 def available_backends() -> dict[str, str]:
@@ -84,7 +90,8 @@ def available_backends() -> dict[str, str]:
 
 def resolve_backend(device: torch.device, args: LayerArgs | None = None) -> Backend:
     """The backend object that will run a call on ``device``."""
-    name = _check_name(_current, "PERSONAMOE_BACKEND" if _current != "auto" else "backend")
+    current = get_backend()
+    name = _check_name(current, "PERSONAMOE_BACKEND" if current != "auto" else "backend")
     dev = device.type
     if name != "auto":
         b = _BACKENDS[name]
