@@ -2,12 +2,48 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
+from torch import Tensor
 
 from personamoe import reference
 from personamoe.layer_args import LayerArgs, LayerOutputs
 
-__all__ = ["Backend", "LayerArgs", "LayerOutputs"]
+__all__ = ["Backend", "LayerArgs", "LayerOutputs", "device_guard", "kernel_ready"]
+
+
+def _dense(t: Tensor | None) -> Tensor | None:
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def kernel_ready(a: LayerArgs) -> LayerArgs:
+    """The arguments as every kernel may read them: each small tensor (bias, scaling,
+    calibration, tables, ids) and the banks contiguous, ``x`` with unit inner stride (its row
+    stride is passed). Kernels index these with unit strides: an expanded ``scaling``
+    (``tensor([s]).expand(E)``, stride 0) would otherwise be read past its one element.
+    ``weight`` is left as it is: the launchers pass its strides or hand it to torch's GEMM."""
+    x = a.x if a.x.stride(-1) == 1 else a.x.contiguous()
+    fixed = (a.bias, a.scaling, a.calibration, a.persona_bias, a.persona_ids, a.persona_weights)
+    dense = a.lora_a.is_contiguous() and a.lora_b.is_contiguous()
+    if x is a.x and dense and all(t is None or t.is_contiguous() for t in fixed):
+        return a  # the usual case on the decode path: no new tuple
+    return a._replace(
+        x=x, bias=_dense(a.bias), lora_a=a.lora_a.contiguous(), lora_b=a.lora_b.contiguous(),
+        scaling=a.scaling.contiguous(), calibration=_dense(a.calibration),
+        persona_bias=_dense(a.persona_bias), persona_ids=_dense(a.persona_ids),
+        persona_weights=_dense(a.persona_weights),
+    )  # fmt: skip
+
+
+def device_guard(device: torch.device) -> Any:
+    """The device context a launch runs in: ``x``'s own GPU (a model spread over several GPUs
+    calls layers whose tensors are not on the current device; the eager fast path skips the
+    dispatcher, which would otherwise set it), nothing on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 class Backend:
@@ -38,7 +74,11 @@ class Backend:
         """The layer's four outputs; dtypes outside ``kernel_dtypes`` run the reference."""
         if args.x.dtype not in self.kernel_dtypes:
             return reference.forward(args)
-        return self.run(args)
+        args = kernel_ready(args)
+        if args.x.device.type == "cpu":
+            return self.run(args)
+        with device_guard(args.x.device):
+            return self.run(args)
 
     def run(self, args: LayerArgs) -> LayerOutputs:
         """The backend's own kernels, for inputs of a dtype in ``kernel_dtypes``."""
