@@ -16,9 +16,10 @@ from personamoe.integrations import (
     set_routing,
     unmerge,
 )
+from personamoe.integrations.model_personas import add_persona, remove_persona, use_personas
 from personamoe.nn import PersonaMoELinear
 from personamoe.ops import persona_moe_linear
-from personamoe.personas import Persona, add_persona, remove_persona, use_personas
+from personamoe.personas import Persona
 from personamoe.reference import load_balancing_loss
 
 __version__ = "0.1.0"

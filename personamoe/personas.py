@@ -2,29 +2,29 @@
 
 A :class:`Persona` either *routes* (``allow``: the experts it may rank among; ``bias``: score
 offsets) or is a *fixed mixture* (``weights``: every expert with a non-zero weight is used with that
-weight, DESIGN.md §1 "fixed"). An injected model holds one :class:`PersonaState` shared by all its
-persona layers: the persona table (row 0 is "no persona", then the registered personas, then the
-ad-hoc ones of the current :func:`use_personas` block) and the current per-request row ids. The
+weight, docs/design.md §1 "fixed"). An injected model holds one :class:`PersonaState` shared by all
+its persona layers: the persona table (row 0 is "no persona", then the registered personas, then
+the ad-hoc ones of the current ``use_personas`` block) and the current per-request row ids. The
 layers read the ids and their own ``[P, E]`` tables from it, so a batch of requests with different
 personas runs as one op call per layer, without a Python loop over requests or adapters.
+
+This module is pure data (no layers, no model): the functions that act on an injected model
+(``add_persona``, ``use_personas``, ...) live in :mod:`personamoe.integrations.model_personas`, so
+the core never imports the integrations.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-if TYPE_CHECKING:
-    from personamoe.integrations.layers import PersonaLayer
+from personamoe.options import ROUTING_MODES, check_choice
 
-__all__ = ["Persona", "PersonaState", "add_persona", "remove_persona", "use_personas"]
-
-ROUTING_MODES = ("token", "sequence", "fixed", "merged")
+__all__ = ["Persona", "PersonaSpec", "PersonaState"]
 
 
 class Persona:
@@ -83,6 +83,10 @@ class Persona:
         return cls(d["name"], allow=d.get("allow"), bias=d.get("bias"), weights=d.get("weights"))
 
 
+PersonaSpec = str | Persona | None
+"""One request's persona: a registered name, a :class:`Persona` (ad hoc) or ``None`` (none)."""
+
+
 def _floats(what: str, name: str, m: Mapping[str, float] | None) -> dict[str, float] | None:
     if m is None:
         return None
@@ -133,9 +137,7 @@ class PersonaState:
 
     # -- configuration -------------------------------------------------------------------------
     def set_routing(self, routing: str) -> None:
-        if routing not in ROUTING_MODES:
-            raise ValueError(f"routing: expected one of {ROUTING_MODES}, got {routing!r}")
-        self.routing = routing
+        self.routing = check_choice("routing", routing, ROUTING_MODES)
 
     def expert_index(self, name: str, what: str) -> int:
         try:
@@ -212,117 +214,39 @@ class PersonaState:
         self.has_fixed = any(kinds)
         self.has_route = not all(kinds)
 
+    # -- one persona per request -----------------------------------------------------------------
+    def resolve(self, specs: Sequence[PersonaSpec]) -> tuple[tuple[Persona, ...], list[int]]:
+        """``(ad-hoc personas, row id per request)`` for one ``use_personas`` entry per request.
 
-# -- model-level functions -----------------------------------------------------------------------
-def _layers(model: nn.Module) -> list[PersonaLayer]:
-    from personamoe.integrations.layers import persona_layers
-
-    layers = [m for _, m in persona_layers(model)]
-    if not layers:
-        raise ValueError(
-            "model: expected a model prepared by personamoe.inject, found no persona layers"
-        )
-    return layers
-
-
-def state_of(model: nn.Module) -> PersonaState:
-    """The :class:`PersonaState` shared by the persona layers of ``model``."""
-    return _layers(model)[0].pm_state
-
-
-def refresh(model: nn.Module) -> None:
-    """Rebuild every layer's persona tables after the persona rows changed."""
-    layers = _layers(model)
-    st = layers[0].pm_state
-    bias, weights, fixed = st.tables()
-    for layer in layers:
-        layer.pm_refresh(bias, weights, fixed)
-    st.update_flags()
-    st.version += 1
-
-
-def add_persona(model: nn.Module, persona: Persona) -> Persona:
-    """Register ``persona`` on an injected model (replacing one of the same name)."""
-    if not isinstance(persona, Persona):
-        raise TypeError(f"persona: expected a personamoe.Persona, got {type(persona).__name__}")
-    st = state_of(model)
-    st.check(persona)
-    st.registered[persona.name] = persona
-    refresh(model)
-    return persona
-
-
-def remove_persona(model: nn.Module, name: str) -> None:
-    """Unregister the persona ``name``."""
-    st = state_of(model)
-    if name not in st.registered:
-        raise KeyError(f"persona {name!r} is not registered; registered: {list(st.registered)}")
-    del st.registered[name]
-    refresh(model)
-
-
-PersonaSpec = str | Persona | None
-
-
-@contextlib.contextmanager
-def use_personas(
-    model: nn.Module, personas: PersonaSpec | Sequence[PersonaSpec]
-) -> Iterator[PersonaState]:
-    """Run the block with one persona per request (batch row).
-
-    ``personas`` is a list with one entry per batch row — a registered name, a :class:`Persona`
-    (used for this block only) or ``None`` (no persona) — or a single entry applied to every row.
-    Rows are repeated over the tokens of each request and over the steps of ``generate``; a batch
-    that ``generate`` expands (``num_return_sequences``, beams) repeats each row in place.
-    """
-    st = state_of(model)
-    if any(getattr(layer, "pm_merged", False) for layer in _layers(model)):
-        raise ValueError(
-            "use_personas: the model is merged (personamoe.merge); call unmerge() first"
-        )
-    specs: list[PersonaSpec] = (
-        list(personas) if isinstance(personas, (list, tuple)) else [personas]  # type: ignore[list-item]
-    )
-    if not specs:
-        raise ValueError("personas: expected at least one entry (one per batch row), got none")
-    registered = list(st.registered.values())
-    adhoc: list[Persona] = []
-    rows: list[int] = []
-    for i, p in enumerate(specs):
-        if p is None:
-            rows.append(0)
-        elif isinstance(p, str):
-            if p not in st.registered:
-                raise ValueError(
-                    f"personas[{i}]: {p!r} is not a registered persona; registered: "
-                    f"{list(st.registered)} (add it with personamoe.add_persona)"
+        A registered name or a registered :class:`Persona` object gives its row; another
+        :class:`Persona` becomes an ad-hoc row (once, however many requests use it); ``None`` is
+        row 0.
+        """
+        registered = list(self.registered.values())
+        names = list(self.registered)
+        adhoc: list[Persona] = []
+        rows: list[int] = []
+        for i, p in enumerate(specs):
+            if p is None:
+                rows.append(0)
+            elif isinstance(p, str):
+                if p not in self.registered:
+                    raise ValueError(
+                        f"personas[{i}]: {p!r} is not a registered persona; registered: "
+                        f"{names} (add it with personamoe.add_persona)"
+                    )
+                rows.append(1 + names.index(p))
+            elif isinstance(p, Persona):
+                if any(p is r for r in registered):
+                    rows.append(1 + next(j for j, r in enumerate(registered) if r is p))
+                    continue
+                if not any(p is a for a in adhoc):
+                    self.check(p)
+                    adhoc.append(p)
+                rows.append(1 + len(registered) + next(j for j, a in enumerate(adhoc) if a is p))
+            else:
+                raise TypeError(
+                    f"personas[{i}]: expected a persona name, a personamoe.Persona or None, got "
+                    f"{type(p).__name__}"
                 )
-            rows.append(1 + list(st.registered).index(p))
-        elif isinstance(p, Persona):
-            if any(p is r for r in registered):
-                rows.append(1 + next(j for j, r in enumerate(registered) if r is p))
-                continue
-            if not any(p is a for a in adhoc):
-                st.check(p)
-                adhoc.append(p)
-            rows.append(1 + len(registered) + next(j for j, a in enumerate(adhoc) if a is p))
-        else:
-            raise TypeError(
-                f"personas[{i}]: expected a persona name, a personamoe.Persona or None, got "
-                f"{type(p).__name__}"
-            )
-    saved = (st.adhoc, st.ids, st.current_rows)
-    st.adhoc = tuple(adhoc)
-    st.current_rows = None
-    if saved[0] != st.adhoc:
-        refresh(model)
-    device = _layers(model)[0].weight.device
-    st.set_ids(rows, device)
-    try:
-        yield st
-    finally:
-        changed = st.adhoc != saved[0]
-        st.adhoc, st.ids, st.current_rows = saved
-        if changed:
-            refresh(model)
-        st.update_flags()
+        return tuple(adhoc), rows

@@ -16,6 +16,7 @@ pytest.importorskip("peft")
 import personamoe
 from personamoe import reference as R
 from personamoe.integrations.layers import PersonaLayer
+from personamoe.integrations.model_personas import state_of
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +239,7 @@ def test_persona_errors(llama):
     ):
         model(input_ids=ids_batch(batch=4))
     # Nested blocks restore the outer personas, and leaving restores free routing.
-    st = personamoe.personas.state_of(model)
+    st = state_of(model)
     p = personamoe.Persona("inner", allow=["a"])
     with personamoe.use_personas(model, [None, p]):
         with personamoe.use_personas(model, p):
@@ -276,9 +277,9 @@ def test_one_op_call_per_layer_whatever_the_personas(llama, monkeypatch):
     calls = []
     real = L.persona_moe_linear_scores
 
-    def counting(x, *args):
-        calls.append((tuple(x.shape), args[-3], args[-2]))  # x, persona_bias, persona_ids
-        return real(x, *args)
+    def counting(args):
+        calls.append((tuple(args.x.shape), args.persona_bias, args.persona_ids))
+        return real(args)
 
     monkeypatch.setattr(L, "persona_moe_linear_scores", counting)
     personas = [personamoe.Persona(f"p{i}", allow=[n, "a"]) for i, n in enumerate("abc")]

@@ -14,7 +14,8 @@ from personamoe.adapters import write_adapter
 from personamoe.integrations.hf import install_layers
 from personamoe.integrations.layers import PersonaConv1DLayer, persona_layers
 from personamoe.integrations.modes import merge
-from personamoe.personas import Persona, PersonaState, refresh, state_of
+from personamoe.integrations.model_personas import refresh, state_of
+from personamoe.personas import Persona, PersonaState
 
 __all__ = ["export_expert", "load_bank", "save_bank"]
 

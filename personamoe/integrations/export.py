@@ -305,7 +305,7 @@ def read_bank_tensors(
 def _section(model: nn.Module, top_k: int, normalize: str, temperature: float,
              calibration: str) -> dict[str, Any]:  # fmt: skip
     from personamoe.integrations.layers import persona_layers
-    from personamoe.personas import state_of
+    from personamoe.integrations.model_personas import state_of
 
     st = state_of(model)
     ranks: dict[str, list[int]] = {}
@@ -402,7 +402,7 @@ def load_exported(path: str | Path, **from_pretrained: Any) -> nn.Module:
 
     from personamoe.integrations.bank import load_bank
     from personamoe.integrations.layers import persona_layers
-    from personamoe.personas import state_of
+    from personamoe.integrations.model_personas import state_of
 
     path = Path(path)
     cfg_file = path / "config.json"

@@ -21,7 +21,8 @@ from personamoe import reference
 from personamoe.adapters import AdapterError, LoraAdapter, read_adapter
 from personamoe.integrations.layers import PersonaConv1DLayer, PersonaLayer, persona_layers
 from personamoe.nn import lora_scaling
-from personamoe.personas import PersonaState, refresh
+from personamoe.integrations.model_personas import refresh
+from personamoe.personas import PersonaState
 
 __all__ = ["inject", "install_layers"]
 

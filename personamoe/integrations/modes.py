@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from personamoe.integrations.layers import persona_layers
-from personamoe.personas import Persona, PersonaState, refresh, state_of
+from personamoe.integrations.model_personas import refresh, state_of
+from personamoe.personas import Persona, PersonaState
 
 __all__ = ["merge", "set_routing", "unmerge"]
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from personamoe import reference
 from personamoe.integrations.layers import persona_layers
-from personamoe.personas import state_of
+from personamoe.integrations.model_personas import state_of
 
 __all__ = ["LayerRouting", "RoutingStats", "routing_stats"]
 
