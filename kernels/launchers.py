@@ -2,8 +2,9 @@
 
 Flow (token mode):
 
-1. ``h = shrink(x, A)``: ``[T, E*r]`` fp32 (split-K at small T).
-2. ``route(h)``: scores, top-k, gates and ``coef [T, E]`` (gate * scaling per expert) in one kernel.
+1. ``shrink_parts(x, A)``: ``[S, T, E*r]`` fp32 split-K partials (``S = 1`` at large T).
+2. ``route``: sums the partials in split order into ``h`` (deterministic, no atomics), then scores,
+   top-k, gates and ``coef [T, E]`` (gate * scaling per expert), in one kernel.
 3. base + mix, one of two ways (``BASE_MODE``):
    - ``"torch"``: ``y = F.linear(x, W, b)`` by cuBLAS, then the mix kernel adds into ``y`` in place
      (reads and writes ``y`` once more);
@@ -40,7 +41,7 @@ import os
 
 import torch
 from personamoe.kernels.mix import grouped_expand, linear_mix
-from personamoe.kernels.shrink_route import route, shrink
+from personamoe.kernels.shrink_route import route, shrink_parts
 
 from personamoe.layer_args import LayerArgs, LayerOutputs
 
@@ -79,13 +80,15 @@ def persona_moe_linear(a: LayerArgs) -> LayerOutputs:
     fixed = a.persona_weights is not None
     regime, base_mode = choose_paths(T, E, r, k, fixed)
 
-    h = shrink(x, a.lora_a)
+    h_parts = shrink_parts(x, a.lora_a)
+    # The route kernel sums the split partials in split order into h_parts[0] (deterministic h).
     idx, gates, n, coef = route(
-        h, num_tokens=T, num_experts=E, rank=r, top_k=k, temperature=a.temperature,
+        h_parts, num_tokens=T, num_experts=E, rank=r, top_k=k, temperature=a.temperature,
         normalize=a.normalize, scaling=a.scaling, calibration=a.calibration,
         persona_bias=a.persona_bias, persona_ids=a.persona_ids,
         persona_weights=a.persona_weights, device=x.device,
     )  # fmt: skip
+    h = h_parts[0]
     parts = None
     if regime == "grouped":
         parts = grouped_expand(h, idx, gates, a.scaling, a.lora_b, x.dtype)

@@ -3,8 +3,12 @@
 Two kernels, each with a thin host launcher:
 
 - ``_shrink_kernel``: one GEMM of ``x [T, d_in]`` against ``A`` viewed as ``[E*r, d_in]`` with fp32
-  accumulation into ``h [T, E*r]`` fp32. Split-K (fp32 atomic adds into a zeroed ``h``, as vLLM's
-  shrink) when T is small and the ``E*r`` columns alone give too few programs; plain tiles otherwise.
+  accumulation into ``h [T, E*r]`` fp32. Split-K when T is small and the ``E*r`` columns alone give
+  too few programs; plain tiles otherwise. Each K split stores its own partial ``[S, T, E*r]``
+  (never atomics: fp32 atomic adds land in arrival order, so the last bits of ``h`` and with them
+  near-tie routing would change from run to run, and exact ties would not reliably go to the lower
+  index); the route kernel, which reads all of ``h`` anyway, sums the partials in split order and
+  writes the sum back into partial 0, which the mix kernels read as ``h``.
 - ``_route_kernel``: one program per token. Token mode: ``n = ||h_e|| / c_e + bias[p, e]`` (ids
   outside ``[0, P)`` mean "no persona" and are never read), top-k with ties to the lower index and
   disallowed (``-inf``) experts only filling empty slots, gates ``topk``/``full`` with temperature.
@@ -19,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["route", "shrink", "shrink_config"]
+__all__ = ["route", "shrink", "shrink_config", "shrink_parts"]
 
 
 @triton.jit
@@ -66,12 +70,9 @@ def _shrink_kernel(
             acc = tl.dot(xt, at, acc, input_precision="ieee")
         else:
             acc = tl.dot(xt, at, acc)
-    h_ptrs = h_ptr + offs_m[:, None] * N + offs_n[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(h_ptrs, acc, mask=mask)
-    else:
-        tl.atomic_add(h_ptrs, acc, mask=mask)
+    # Split k's partial lives at h + k * T * N: plain stores, reduced in fixed order later.
+    h_ptrs = h_ptr + pid_k.to(tl.int64) * T * N + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(h_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
 def shrink_config(T: int, N: int, K: int) -> tuple[int, int, int, int]:
@@ -91,8 +92,9 @@ def shrink_config(T: int, N: int, K: int) -> tuple[int, int, int, int]:
     return 64, 64, 32, 1
 
 
-def shrink(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
-    """``h [T, E*r]`` fp32 = ``x [T, d_in] @ A[E, r, d_in]^T`` (``x`` may be strided)."""
+def shrink_parts(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    """Per-split partials ``[S, T, E*r]`` fp32 of ``x [T, d_in] @ A[E, r, d_in]^T`` (``S = 1`` when
+    K is not split); their sum in split order is ``h``. ``x`` may be strided."""
     T, K = x.shape
     E, r, _ = lora_a.shape
     N = E * r
@@ -100,16 +102,23 @@ def shrink(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
     bm, bn, bk, split = shrink_config(T, N, K)
     k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
     split = triton.cdiv(K, k_per_split)
-    if split > 1:
-        h = torch.zeros(T, N, device=x.device, dtype=torch.float32)
-    else:
-        h = torch.empty(T, N, device=x.device, dtype=torch.float32)
+    parts = torch.empty(split, T, N, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(T, bm), triton.cdiv(N, bn), split)
     _shrink_kernel[grid](
-        x, a, h, T, N, K, x.stride(0), x.stride(1), k_per_split,
+        x, a, parts, T, N, K, x.stride(0), x.stride(1), k_per_split,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
         IS_FP32=x.dtype == torch.float32, num_warps=4,
     )  # fmt: skip
+    return parts
+
+
+def shrink(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    """``h [T, E*r]`` fp32 = ``x [T, d_in] @ A[E, r, d_in]^T``: the partials summed in split order
+    (the layer's launcher lets the route kernel do this sum instead, saving a launch)."""
+    parts = shrink_parts(x, lora_a)
+    h = parts[0]
+    for k in range(1, parts.shape[0]):
+        h = h + parts[k]
     return h
 
 
@@ -128,6 +137,8 @@ def _route_kernel(
     R,
     P,
     temperature,
+    part_stride,
+    NUM_PARTS: tl.constexpr,
     TOP_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -147,19 +158,24 @@ def _route_kernel(
         trow = tl.load(table_ptr + row * E + offs_e, mask=e_mask & valid, other=0.0).to(tl.float32)
     else:
         trow = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    if FIXED:
-        n = trow
-    else:
-        ss = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    if NUM_PARTS > 1 or not FIXED:
+        # h's split-K partials summed in split order (the same bits on every run), the sum stored
+        # into partial 0 for the mix; then (token mode) the norms.
         offs_r = tl.arange(0, BLOCK_R)
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + offs_r
-            hv = tl.load(
-                h_ptr + t * E * R + offs_e[:, None] * R + rr[None, :],
-                mask=e_mask[:, None] & (rr < R)[None, :],
-                other=0.0,
-            )
+            hm = e_mask[:, None] & (rr < R)[None, :]
+            h_row = h_ptr + t * E * R + offs_e[:, None] * R + rr[None, :]
+            hv = tl.load(h_row, mask=hm, other=0.0)
+            for part in tl.static_range(1, NUM_PARTS):
+                hv += tl.load(h_row + part * part_stride, mask=hm, other=0.0)
+            if NUM_PARTS > 1:
+                tl.store(h_row, hv, mask=hm)
             ss += tl.sum(hv * hv, axis=1)
+    if FIXED:
+        n = trow
+    else:
         n = tl.sqrt(ss)
         if HAS_CAL:
             n = n / tl.load(cal_ptr + offs_e, mask=e_mask, other=1.0).to(tl.float32)
@@ -240,8 +256,10 @@ def route(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(topk_idx int32 [T,k], gates fp32 [T,k], scores fp32 [T,E], coef fp32 [T,E])``.
 
-    ``h [T, E*r]`` fp32 (unused in fixed mode, may be None there). ``coef[t, e]`` is the factor
-    of expert ``e``'s output in token ``t``: gate times scaling, or weight times scaling.
+    ``h`` fp32: ``[T, E*r]``, or the shrink's split partials ``[S, T, E*r]``, which are summed in
+    split order into ``h[0]`` (the mix then reads ``h[0]``). In fixed mode an unsplit ``h`` is not
+    read and may be None. ``coef[t, e]`` is the factor of expert ``e``'s output in token ``t``:
+    gate times scaling, or weight times scaling.
     """
     T, E = num_tokens, num_experts
     fixed = persona_weights is not None
@@ -257,12 +275,14 @@ def route(
     ids_c = persona_ids.contiguous() if has_table else idx  # type: ignore[union-attr]
     cal = calibration.contiguous() if calibration is not None else n
     scale = scaling.contiguous()
+    num_parts = h.shape[0] if h is not None and h.dim() == 3 else 1
+    part_stride = T * E * rank
     block_e = max(triton.next_power_of_2(E), 2)
     block_r = min(max(triton.next_power_of_2(rank), 2), max(4096 // block_e, 2))
     _route_kernel[(T,)](
         h if h is not None else n, cal, table_c, ids_c, scale, idx, gates, n, coef,
         E, rank, table.shape[0] if has_table else 0, float(temperature),  # type: ignore[union-attr]
-        TOP_K=top_k, BLOCK_E=block_e, BLOCK_R=block_r,
+        part_stride, NUM_PARTS=num_parts, TOP_K=top_k, BLOCK_E=block_e, BLOCK_R=block_r,
         BLOCK_TOPK=max(triton.next_power_of_2(top_k), 2),
         HAS_CAL=calibration is not None and not fixed, HAS_TABLE=has_table, FIXED=fixed,
         FULL_NORM=normalize == "full", num_warps=4 if block_e * block_r >= 2048 else 1,

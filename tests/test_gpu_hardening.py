@@ -104,3 +104,27 @@ def test_backend_forward_launches_inside_the_guard(monkeypatch):
         Probe().forward(args)
     assert seen == [torch.device("meta")]
     assert order[:2] == ["enter", "run"]
+
+
+@pytest.mark.parametrize("T", [1, 16, 17, 64])
+def test_split_k_ties_go_to_lower_index_and_runs_are_bitwise_equal(T):
+    """d_in = 2048 splits K at these T: duplicated experts tie exactly (the partials are summed in
+    a fixed order), the tie goes to the lower index, and a second run gives the same bits."""
+    from personamoe.kernels import shrink_route
+
+    d_in, d_out, E, r = 2048, 32, 6, 16
+    assert shrink_route.shrink_config(T, E * r, d_in)[3] > 1
+    g = torch.Generator().manual_seed(T)
+    one = torch.randn(1, r, d_in, generator=g) * d_in**-0.5
+    lora_a = torch.cat([one, one, torch.randn(E - 2, r, d_in, generator=g) * 1e-3])
+    args = LayerArgs(torch.randn(T, d_in, generator=g), torch.randn(d_out, d_in, generator=g),
+                     None, lora_a, torch.randn(E, d_out, r, generator=g), torch.ones(E), 1, 1.0,
+                     "topk", None, None, None, None)  # fmt: skip
+    first = TritonBackend().forward(args)
+    second = TritonBackend().forward(args)
+    assert (first[1][:, 0] == 0).all()  # experts 0 and 1 tie; 0 wins, every token
+    assert torch.equal(first[2], torch.ones(T, 1))
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    ref = reference.forward(args)
+    torch.testing.assert_close(first[0], ref[0], atol=1e-3, rtol=1e-4)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -30,14 +31,14 @@ CASES = [
     ("route_topk_sm90", "route", "fp32",
      {"table_ptr": "*bf16", "ids_ptr": "*i64", "idx_ptr": "*i32", "cal_ptr": "*bf16",
       "scale_ptr": "*bf16"},
-     dict(TOP_K=2, BLOCK_E=8, BLOCK_R=16, BLOCK_TOPK=2, HAS_CAL=True, HAS_TABLE=True, FIXED=False,
-          FULL_NORM=False), 90, {"num_warps": 1}),
+     dict(NUM_PARTS=8, TOP_K=2, BLOCK_E=8, BLOCK_R=16, BLOCK_TOPK=2, HAS_CAL=True, HAS_TABLE=True,
+          FIXED=False, FULL_NORM=False), 90, {"num_warps": 1}),
     ("route_full_E64_sm90", "route", "fp32", {"ids_ptr": "*i32", "idx_ptr": "*i32"},
-     dict(TOP_K=2, BLOCK_E=64, BLOCK_R=64, BLOCK_TOPK=2, HAS_CAL=False, HAS_TABLE=True,
-          FIXED=False, FULL_NORM=True), 90, {"num_warps": 4}),
+     dict(NUM_PARTS=1, TOP_K=2, BLOCK_E=64, BLOCK_R=64, BLOCK_TOPK=2, HAS_CAL=False,
+          HAS_TABLE=True, FIXED=False, FULL_NORM=True), 90, {"num_warps": 4}),
     ("route_fixed_sm80", "route", "fp32", {"ids_ptr": "*i64", "idx_ptr": "*i32"},
-     dict(TOP_K=3, BLOCK_E=4, BLOCK_R=2, BLOCK_TOPK=4, HAS_CAL=False, HAS_TABLE=True, FIXED=True,
-          FULL_NORM=False), 80, {"num_warps": 1}),
+     dict(NUM_PARTS=4, TOP_K=3, BLOCK_E=4, BLOCK_R=2, BLOCK_TOPK=4, HAS_CAL=False, HAS_TABLE=True,
+          FIXED=True, FULL_NORM=False), 80, {"num_warps": 1}),
     ("fused_dense_bf16_128x128_sm90", "linear_mix", "bf16", {"h_ptr": _F32, "coef_ptr": _F32},
      dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=16, COMPUTE_BASE=True, HAS_BIAS=True,
           MIX_DENSE=True, NUM_PARTS=0, IS_FP32=False), 90, {"num_warps": 8, "num_stages": 3}),
@@ -103,7 +104,8 @@ def _compile_all() -> dict[str, dict]:
             ttgir = k.asm["ttgir"]
             out[name] = {"ok": "cubin" in k.asm, "shared": int(k.metadata.shared), "arch": arch,
                          "async_copies": ttgir.count("async_copy_global_to_local"),
-                         "wgmma": ttgir.count("warp_group_dot")}  # fmt: skip
+                         "wgmma": ttgir.count("warp_group_dot"),
+                         "atomics": len(re.findall(r"(?<![\w.])(?:atom|red)\.", k.asm["ptx"]))}  # fmt: skip
         except Exception as e:
             out[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[-2000:], "arch": arch}
     return out
@@ -133,6 +135,13 @@ def test_kernel_compiles_for_gpu(compiled, name):
 
 def test_decode_shrink_is_pipelined(compiled):
     assert compiled["shrink_bf16_splitk_sm90"]["async_copies"] > 0
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CASES if c[1] in ("shrink", "route")])
+def test_shrink_and_route_use_no_atomics(compiled, name):
+    """Split-K partials are summed in a fixed order by the route kernel: no atomic adds, whose
+    arrival order would make h (and routing on near-ties) differ from run to run."""
+    assert compiled[name]["atomics"] == 0, compiled[name]
 
 
 def test_fused_gemm_is_pipelined_and_uses_wgmma_on_sm90(compiled):
