@@ -1,5 +1,7 @@
-"""Persona layers inside an injected model: :class:`PersonaMoELinear` that reads its persona ids,
-tables and routing mode from the model's shared :class:`~personamoe.personas.PersonaState`.
+"""Persona layers inside an injected model: :class:`~personamoe.nn.PersonaMoELinear` that reads its
+persona ids, tables and routing mode from the model's shared
+:class:`~personamoe.personas.PersonaState`, with one forward per kind of batch (:data:`_FORWARDS`),
+and the table of the base module types that can hold experts (:func:`layer_class_for`).
 
 Every layer keeps the base module's ``weight``/``bias`` Parameters (shared, same names), so the base
 checkpoint still loads. Experts whose adapter does not target a layer are *absent* there: each layer
@@ -9,7 +11,8 @@ folds its availability mask into its own persona bias table (``-inf`` in every r
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -19,11 +22,19 @@ from torch import Tensor, nn
 from personamoe import reference
 from personamoe._validation import check_layer_args
 from personamoe.layer_args import LayerArgs
+from personamoe.lora_bank import BaseParams
 from personamoe.nn import PersonaMoELinear
 from personamoe.ops import persona_moe_linear_scores
 from personamoe.personas import PersonaState
 
-__all__ = ["PersonaConv1DLayer", "PersonaLayer", "RoutingRecord", "persona_layers"]
+__all__ = [
+    "PersonaConv1DLayer",
+    "PersonaLayer",
+    "RoutingRecord",
+    "layer_class_for",
+    "layer_classes",
+    "persona_layers",
+]
 
 
 class RoutingRecord(NamedTuple):
@@ -37,23 +48,67 @@ class RoutingRecord(NamedTuple):
     row_names: tuple[str | None, ...]
 
 
-class PersonaLayer(PersonaMoELinear):
-    """A persona-MoE layer wrapping an ``nn.Linear`` of a model (see the module docstring)."""
+class _Batch(NamedTuple):
+    """Which persona row each token of one forward uses, and which kinds of rows the batch holds."""
 
-    fp32_buffers = ("scaling", "calibration", "pm_bias", "pm_weights")
+    rows: Tensor | None  # per token, the leading dims of x (None: every token row 0)
+    has_fixed: bool  # some token uses a fixed mixture
+    has_route: bool  # some token routes
+
+
+_MERGED = _Batch(None, False, False)
+
+
+class PersonaLayer(PersonaMoELinear):
+    """A persona-MoE layer wrapping an ``nn.Linear`` of a model (see the module docstring).
+
+    Still a :class:`~personamoe.nn.PersonaMoELinear` (users find an injected model's layers by
+    that type), built through its constructor; its own tables (``pm_bias``/``pm_weights``, from
+    the model's personas) replace the standalone ``persona_bias``/``persona_weights``, which stay
+    ``None``.
+    """
+
+    fp32_buffers = (*PersonaMoELinear.fp32_buffers, "pm_bias", "pm_weights")
+    fan_in_fan_out = False
+    """Whether the base weight is stored ``[d_in, d_out]`` (PEFT's name; GPT-2's ``Conv1D``)."""
 
     pm_available: Tensor
     pm_rank: Tensor
     pm_bias: Tensor | None
     pm_weights: Tensor | None
     pm_row_fixed: Tensor | None
-    pm_state: PersonaState
-    pm_all_available: bool
-    pm_calibrated: bool
-    pm_merged: bool
-    pm_saved_weight: Tensor | None
-    pm_seq_weights: Tensor | None
     pm_last: RoutingRecord | None
+
+    def __init__(
+        self,
+        module: nn.Module,
+        state: PersonaState,
+        *,
+        rank: int,
+        top_k: int,
+        temperature: float,
+        normalize: str,
+    ) -> None:
+        """A layer over ``module``'s own ``weight``/``bias`` with ``E = len(state.experts)``."""
+        d_in, d_out, base = self.base_of(module)
+        E = len(state.experts)
+        super().__init__(
+            d_in, d_out, E, rank, min(top_k, E), bias=base.bias is not None,
+            temperature=temperature, normalize=normalize, _base=base,
+        )  # fmt: skip
+        self.pm_state = state
+        dev = self.weight.device
+        self.register_buffer("pm_available", torch.ones(E, dtype=torch.bool, device=dev))
+        self.register_buffer("pm_rank", torch.full((E,), rank, dtype=torch.long, device=dev))
+        self.register_buffer("pm_bias", None, persistent=False)
+        self.register_buffer("pm_weights", None, persistent=False)
+        self.register_buffer("pm_row_fixed", None, persistent=False)
+        self.pm_all_available = True
+        self.pm_calibrated = False
+        self.pm_merged = False
+        self.pm_saved_weight: Tensor | None = None
+        self.pm_seq_weights: Tensor | None = None
+        self.pm_last = None
 
     @classmethod
     def wrap(
@@ -66,43 +121,17 @@ class PersonaLayer(PersonaMoELinear):
         temperature: float,
         normalize: str,
     ) -> PersonaLayer:
-        """A layer over ``module``'s own ``weight``/``bias`` Parameters with ``E = len(state.experts)``."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self._adopt(module)
-        E = len(state.experts)
-        self._make_bank(E, rank, None, False, True)
-        self._set_routing(min(top_k, E), temperature, normalize)
-        self.record_routing = False
-        self.last_routing = None
-        self.last_scores = None
-        self.pm_state = state
-        dev = self.weight.device
-        self.register_buffer("pm_available", torch.ones(E, dtype=torch.bool, device=dev))
-        self.register_buffer("pm_rank", torch.full((E,), rank, dtype=torch.long, device=dev))
-        self.register_buffer("pm_bias", None, persistent=False)
-        self.register_buffer("pm_weights", None, persistent=False)
-        self.register_buffer("pm_row_fixed", None, persistent=False)
-        self.pm_all_available = True
-        self.pm_calibrated = False
-        self.pm_merged = False
-        self.pm_saved_weight = None
-        self.pm_seq_weights = None
-        self.pm_last = None
-        return self
+        """The persona layer for ``module`` (an instance of this class's base module type)."""
+        return cls(module, state, rank=rank, top_k=top_k, temperature=temperature,
+                   normalize=normalize)  # fmt: skip
 
     # -- the base layer ------------------------------------------------------------------------
-    def _adopt(self, module: nn.Module) -> None:
+    @classmethod
+    def base_of(cls, module: nn.Module) -> tuple[int, int, BaseParams]:
+        """``(d_in, d_out, Parameters)`` of the base module this class wraps."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"module: expected a torch.nn.Linear, got {type(module).__name__}")
-        self.in_features = module.in_features
-        self.out_features = module.out_features
-        self.weight = module.weight
-        self.bias = module.bias
-
-    def base_weight(self) -> Tensor:
-        """The base weight as ``[d_out, d_in]`` (a view for transposed layouts)."""
-        return self.weight
+        return module.in_features, module.out_features, BaseParams(module.weight, module.bias)
 
     def base_forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -130,48 +159,79 @@ class PersonaLayer(PersonaMoELinear):
         directly and overrides the model's current ones.
         """
         if self.pm_merged:
-            return self.base_forward(x)
+            return self._forward_merged(x, _MERGED)
+        batch = self._batch(x, persona_ids)
+        return _FORWARDS[self._mode(batch)](self, x, batch)
+
+    def _mode(self, batch: _Batch) -> str:
+        """Which forward this batch takes (merged layers never get here)."""
+        if not batch.has_route:
+            return "fixed"
+        if self.pm_state.routing == "sequence":
+            return "sequence"  # fixed rows keep their mixture inside the sequence choice
+        return "mixed" if batch.has_fixed else "token"
+
+    def _batch(self, x: Tensor, persona_ids: Tensor | None) -> _Batch:
         st = self.pm_state
         lead = x.shape[:-1]
-        if persona_ids is not None:
-            given = persona_ids.to(device=x.device, dtype=torch.long) + 1
-            n_rows = 1 + len(st.registered)
-            if not torch.compiler.is_compiling() and given.numel():
-                lo, hi = int(given.min()), int(given.max())
-                if lo < 0 or hi >= n_rows:
-                    raise ValueError(
-                        f"persona_ids: expected ids in [-1, {n_rows - 1}) (-1 = no persona, else "
-                        f"a registered persona's index), got {lo - 1 if lo < 0 else hi - 1}"
-                    )
-            # Per token (any shape holding one id per token), or broadcastable to the tokens.
-            tok: Tensor | None = (
-                given.reshape(lead)
-                if given.numel() == x.numel() // x.shape[-1]
-                else given.expand(lead)
-            )
-            has_fixed, has_route = _any_fixed(st), True
-        else:
+        if persona_ids is None:
             rows_b = self._request_rows(st, lead, x.device)
-            tok = None if rows_b is None else _per_token(rows_b, lead)
-            has_fixed, has_route = st.has_fixed, st.has_route
-        if st.routing == "sequence" and has_route:
-            return self._sequence_forward(x, st, tok, has_fixed)
-        if not has_route:
-            tok = tok if tok is not None else _zeros(lead, x.device)
-            y, idx, gates, _ = self._op(x, tok, weights=self.pm_weights)
-            self._record(st, idx, gates, None, tok, None)
-            return y
-        y, idx, gates, n = self._token_route(x, tok)
-        if not has_fixed:
-            self._record(st, idx, gates, n, tok, None)
-            return y
-        assert tok is not None and self.pm_row_fixed is not None
-        y_f, idx_f, gates_f, _ = self._op(x, tok, weights=self.pm_weights)
-        fixed = self.pm_row_fixed[tok]
-        y = torch.where(fixed[..., None], y_f, y)
-        idx = torch.where(fixed[..., None], idx_f, idx)
-        gates = torch.where(fixed[..., None], gates_f, gates)
-        self._record(st, idx, gates, n, tok, ~fixed)
+            rows = None if rows_b is None else _per_token(rows_b, lead)
+            return _Batch(rows, st.has_fixed, st.has_route)
+        given = persona_ids.to(device=x.device, dtype=torch.long) + 1
+        n_rows = 1 + len(st.registered)
+        if not torch.compiler.is_compiling() and given.numel():
+            lo, hi = int(given.min()), int(given.max())
+            if lo < 0 or hi >= n_rows:
+                raise ValueError(
+                    f"persona_ids: expected ids in [-1, {n_rows - 1}) (-1 = no persona, else "
+                    f"a registered persona's index), got {lo - 1 if lo < 0 else hi - 1}"
+                )
+        # Per token (any shape holding one id per token), or broadcastable to the tokens.
+        rows = (
+            given.reshape(lead) if given.numel() == x.numel() // x.shape[-1] else given.expand(lead)
+        )
+        return _Batch(rows, _any_fixed(st), True)
+
+    def _forward_merged(self, x: Tensor, batch: _Batch) -> Tensor:
+        """The mixture is folded into the base weight (:meth:`pm_merge`): a plain linear layer."""
+        return self.base_forward(x)
+
+    def _forward_fixed(self, x: Tensor, batch: _Batch) -> Tensor:
+        """Every token uses its row's fixed mixture: no routing."""
+        rows = batch.rows if batch.rows is not None else _zeros(x.shape[:-1], x.device)
+        y, idx, gates, _ = self._op(x, rows, weights=self.pm_weights)
+        self._record(idx, gates, None, rows, None)
+        return y
+
+    def _forward_token(self, x: Tensor, batch: _Batch) -> Tensor:
+        """Every token ranks the experts its row allows and mixes its top-k."""
+        y, idx, gates, n = self._token_route(x, batch.rows)
+        self._record(idx, gates, n, batch.rows, None)
+        return y
+
+    def _forward_mixed(self, x: Tensor, batch: _Batch) -> Tensor:
+        """Some rows route, some use a fixed mixture.
+
+        Two op calls, a routed and a fixed one over every token, then a per-token select: the op
+        takes a bias table (routing rows) or a weight table (fixed rows) per call, and neither kind
+        of row can be written as the other. A routed row's gates are a softmax over at most top_k
+        experts (>= 0, summing to 1), while a fixed mixture weighs every expert with a non-zero
+        weight, of any sign and sum. A routed row as a weight row would need its gates before the
+        op, from scores ``||A_e x||`` the op computes itself: the shrink would run twice, round
+        unlike the backends, and the gates would lose their gradient (``persona_weights`` has
+        none). Both calls keep static shapes (no data-dependent gather), so CUDA graphs and
+        ``torch.compile`` still see one graph.
+        """
+        rows, fixed_rows = batch.rows, self.pm_row_fixed
+        assert rows is not None and fixed_rows is not None
+        y, idx, gates, n = self._token_route(x, rows)
+        y_f, idx_f, gates_f, _ = self._op(x, rows, weights=self.pm_weights)
+        fixed = fixed_rows[rows][..., None]
+        y = torch.where(fixed, y_f, y)
+        idx = torch.where(fixed, idx_f, idx)
+        gates = torch.where(fixed, gates_f, gates)
+        self._record(idx, gates, n, rows, ~fixed[..., 0])
         return y
 
     def _request_rows(
@@ -225,51 +285,58 @@ class PersonaLayer(PersonaMoELinear):
             tok = _zeros(x.shape[:-1], x.device)
         return self._op(x, tok, bias=self.pm_bias)
 
-    def _sequence_forward(
-        self, x: Tensor, st: PersonaState, tok: Tensor | None, has_fixed: bool
-    ) -> Tensor:
+    def _forward_sequence(self, x: Tensor, batch: _Batch) -> Tensor:
         """One choice of experts per sequence: token scores pooled (mean) over the prompt, then the
         top-k and its gates become that sequence's fixed mixture for its decode steps too."""
-        assert self.pm_bias is not None and self.pm_weights is not None
-        assert self.pm_row_fixed is not None
+        st = self.pm_state
         lead = x.shape[:-1]
         B = lead[0] if len(lead) else 1
         S = x.numel() // (B * x.shape[-1]) if x.numel() else 0
-        tok = tok if tok is not None else _zeros(lead, x.device)
-        rows_b = tok.reshape(B, -1)[:, 0] if S else tok.new_zeros(B)
+        rows = batch.rows if batch.rows is not None else _zeros(lead, x.device)
         cached = self.pm_seq_weights
-        n_tok = None
         # A new choice for new sequences (the root model's hook says so), and for any forward of
         # several tokens per sequence (a prompt, also when a submodule is called directly).
         if st.new_sequence or S > 1 or cached is None or cached.shape[0] != B:
-            with torch.no_grad():
-                h = reference.shrink(x.reshape(-1, x.shape[-1]), self.lora_A)
-                n_tok = reference.scores(h, self._calibration()).reshape(B, S, -1)
-                mask = st.attention_mask
-                if mask is not None and tuple(mask.shape) == (B, S):
-                    m = mask.to(device=x.device, dtype=n_tok.dtype)[..., None]
-                    pooled = (n_tok * m).sum(1) / m.sum(1).clamp(min=1.0)
-                else:
-                    pooled = n_tok.mean(1)
-                pooled = pooled + self.pm_bias[rows_b]
-                idx, g = reference.route(
-                    pooled, top_k=self.top_k, temperature=self.temperature, normalize=self.normalize
-                )
-                w = torch.zeros_like(pooled).scatter(1, idx.long(), g)
-                if has_fixed:
-                    w = torch.where(self.pm_row_fixed[rows_b][:, None], self.pm_weights[rows_b], w)
+            rows_b = rows.reshape(B, -1)[:, 0] if S else rows.new_zeros(B)
+            w = self._sequence_mixture(x, B, S, rows_b, batch.has_fixed)
             self.pm_seq_weights = w
         else:
             w = cached
         seq = torch.arange(B, device=x.device).reshape(B, *([1] * (len(lead) - 1))).expand(lead)
         y, idx, gates, _ = self._op(x, seq, weights=w)
-        self._record(st, idx, gates, None, tok, None)
+        self._record(idx, gates, None, rows, None)
         return y
 
+    @torch.no_grad()
+    def _sequence_mixture(
+        self, x: Tensor, B: int, S: int, rows_b: Tensor, has_fixed: bool
+    ) -> Tensor:
+        """``[B, E]``: each sequence's weights, its top-k over the prompt-pooled scores plus its
+        persona's bias (or its persona's fixed mixture)."""
+        assert self.pm_bias is not None and self.pm_weights is not None
+        assert self.pm_row_fixed is not None
+        h = reference.shrink(x.reshape(-1, x.shape[-1]), self.lora_A)
+        n_tok = reference.scores(h, self._calibration()).reshape(B, S, -1)
+        mask = self.pm_state.attention_mask
+        if mask is not None and tuple(mask.shape) == (B, S):
+            m = mask.to(device=x.device, dtype=n_tok.dtype)[..., None]
+            pooled = (n_tok * m).sum(1) / m.sum(1).clamp(min=1.0)
+        else:
+            pooled = n_tok.mean(1)
+        pooled = pooled + self.pm_bias[rows_b]
+        idx, g = reference.route(
+            pooled, top_k=self.top_k, temperature=self.temperature, normalize=self.normalize
+        )
+        w = torch.zeros_like(pooled).scatter(1, idx.long(), g)
+        if has_fixed:
+            w = torch.where(self.pm_row_fixed[rows_b][:, None], self.pm_weights[rows_b], w)
+        return w
+
     def _record(
-        self, st: PersonaState, idx: Tensor, gates: Tensor, scores: Tensor | None,
-        rows: Tensor | None, routed: Tensor | None,
+        self, idx: Tensor, gates: Tensor, scores: Tensor | None, rows: Tensor | None,
+        routed: Tensor | None,
     ) -> None:  # fmt: skip
+        st = self.pm_state
         if st.record and not torch.compiler.is_compiling():
             # A plain attribute: skip nn.Module.__setattr__'s parameter/buffer bookkeeping.
             self.__dict__["pm_last"] = RoutingRecord(idx, gates, scores, rows, routed, st.row_names)
@@ -304,16 +371,31 @@ class PersonaLayer(PersonaMoELinear):
 class PersonaConv1DLayer(PersonaLayer):
     """For GPT-2's ``Conv1D`` (weight stored transposed, ``[d_in, d_out]``, as in the checkpoint)."""
 
-    def _adopt(self, module: nn.Module) -> None:
+    fan_in_fan_out = True
+
+    def __init__(
+        self,
+        module: nn.Module,
+        state: PersonaState,
+        *,
+        rank: int,
+        top_k: int,
+        temperature: float,
+        normalize: str,
+    ) -> None:
+        super().__init__(module, state, rank=rank, top_k=top_k, temperature=temperature,
+                         normalize=normalize)  # fmt: skip
+        self.nx, self.nf = self.in_features, self.out_features  # Conv1D's own names
+
+    @classmethod
+    def base_of(cls, module: nn.Module) -> tuple[int, int, BaseParams]:
         w = getattr(module, "weight", None)
         if not isinstance(w, nn.Parameter) or w.dim() != 2:
             raise TypeError(
                 f"module: expected a Conv1D with a 2-D weight, got {type(module).__name__}"
             )
-        self.in_features, self.out_features = int(w.shape[0]), int(w.shape[1])
-        self.nx, self.nf = self.in_features, self.out_features
-        self.weight = w
-        self.bias = module.bias  # type: ignore[assignment]
+        bias = getattr(module, "bias", None)
+        return int(w.shape[0]), int(w.shape[1]), BaseParams(w, bias)
 
     def base_weight(self) -> Tensor:
         return self.weight.t()
@@ -347,3 +429,44 @@ def persona_layers(model: nn.Module) -> Iterator[tuple[str, PersonaLayer]]:
     for name, m in model.named_modules():
         if isinstance(m, PersonaLayer):
             yield name, m
+
+
+_Forward = Callable[[PersonaLayer, Tensor, _Batch], Tensor]
+_FORWARDS: dict[str, _Forward] = {
+    "token": PersonaLayer._forward_token,
+    "sequence": PersonaLayer._forward_sequence,
+    "fixed": PersonaLayer._forward_fixed,
+    "mixed": PersonaLayer._forward_mixed,
+    "merged": PersonaLayer._forward_merged,
+}
+"""One forward per kind of batch (:meth:`PersonaLayer._mode`): the routing modes, and token
+routing with some fixed-mixture rows."""
+
+
+def _transformers_conv1d() -> type[nn.Module] | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is an optional extra
+        return None
+    return Conv1D
+
+
+@functools.cache
+def layer_classes() -> tuple[tuple[type[nn.Module], type[PersonaLayer]], ...]:
+    """``(base module type, its persona layer class)``: the one place that says which modules can
+    hold experts (transformers is only imported here, and only to recognise ``Conv1D``)."""
+    table: list[tuple[type[nn.Module], type[PersonaLayer]]] = [(nn.Linear, PersonaLayer)]
+    conv1d = _transformers_conv1d()
+    if conv1d is not None:
+        table.append((conv1d, PersonaConv1DLayer))
+    return tuple(table)
+
+
+def layer_class_for(module: nn.Module) -> type[PersonaLayer] | None:
+    """The persona layer class that can wrap ``module`` (``None``: it cannot hold experts)."""
+    if isinstance(module, PersonaLayer):
+        return None
+    for base_type, cls in layer_classes():
+        if isinstance(module, base_type):
+            return cls
+    return None
