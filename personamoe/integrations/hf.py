@@ -4,7 +4,7 @@
 that share the base Parameters under the same names, and loads each PEFT adapter as one expert of
 every layer it targets. Each step has its own function: the arguments (:func:`_read_experts`), the
 targets and where each adapter goes (:mod:`.targets`), the layers (:mod:`.install`), the banks
-(:func:`_fill_banks`, :func:`_calibrate`), the personas (:mod:`.model_personas`), the mode
+(:func:`_fill`, :func:`_calibrate`), the personas (:mod:`.model_personas`), the mode
 (:mod:`.modes`).
 """
 
