@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_arguments(
         sub.add_parser("demo", help="three personas over eight adapters in one batched generate")
     )
-    from personamoe.integrations import export as export_cli
+    from personamoe.integrations.checkpoint import cli as export_cli
 
     export_cli.add_arguments(sub.add_parser("export", help=export_cli.CLI_HELP))
     args = parser.parse_args(argv)

@@ -1,5 +1,6 @@
-"""The servable checkpoint (personamoe/integrations/export.py): export, load back with transformers,
-the CLI, and clear errors for malformed ``personamoe`` sections."""
+"""The servable checkpoint (personamoe/integrations/export/): export, load back with transformers,
+the CLI, and clear errors for malformed ``personamoe`` sections (and old ones that repeat the bank's
+ranks and scalings)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ pytest.importorskip("transformers")
 from personamoe.integrations.export import (
     BANK_WEIGHTS,
     FORMAT,
+    LEGACY_FORMAT,
     ExportError,
     load_exported,
     read_section,
@@ -97,6 +99,17 @@ def _good(folders: dict[str, Path]) -> dict[str, Any]:
     return json.loads((folders["export"] / "config.json").read_text())
 
 
+def _legacy(folder: Path) -> dict[str, Any]:
+    """The export's config.json as personamoe-export/1 wrote it: the section also repeated each
+    target's ranks and scalings (the bank's values)."""
+    cfg = json.loads((folder / "config.json").read_text())
+    sec = read_section(cfg, folder / "config.json")
+    cfg["personamoe"]["format"] = LEGACY_FORMAT
+    cfg["personamoe"]["ranks"] = {t: list(r) for t, r in sec.ranks.items()}
+    cfg["personamoe"]["scalings"] = {t: list(s) for t, s in sec.scalings.items()}
+    return cfg
+
+
 BAD: list[tuple[str, Any, str]] = [
     ("format", "personamoe-export/0", "personamoe.format"),
     ("top_k", 5, r"personamoe.top_k': expected an int in 1..4"),
@@ -119,7 +132,7 @@ def test_malformed_section(folders: dict[str, Path], key: str, value: Any, match
 
 
 def test_malformed_tables(folders: dict[str, Path]) -> None:
-    cfg = _good(folders)
+    cfg = _legacy(folders["export"])
     t = cfg["personamoe"]["targets"][0]
     for mutate, match in [
         (lambda s: s["ranks"].__setitem__(t, [4, 8]), f"ranks.{t}': expected a list of E=4"),
@@ -133,7 +146,7 @@ def test_malformed_tables(folders: dict[str, Path]) -> None:
             read_section(c, "config.json")
     with pytest.raises(ExportError, match="no 'personamoe' section"):
         read_section({"model_type": "llama"}, "config.json")
-    assert cfg["personamoe"]["format"] == FORMAT
+    assert _good(folders)["personamoe"]["format"] == FORMAT
 
 
 def test_bank_disagreeing_with_section(folders: dict[str, Path], tmp_path: Path) -> None:
@@ -141,7 +154,7 @@ def test_bank_disagreeing_with_section(folders: dict[str, Path], tmp_path: Path)
 
     out = tmp_path / "bad"
     shutil.copytree(folders["export"], out)
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = _legacy(out)
     t = "model.layers.1.mlp.up_proj"
     cfg["personamoe"]["ranks"][t] = [4, 8, 4, 8]  # the bank says "terse" is absent there
     (out / "config.json").write_text(json.dumps(cfg))
@@ -169,3 +182,60 @@ def test_vllm_layer_mapping_and_version_pin(folders: dict[str, Path]) -> None:
     check_vllm_version(TESTED_VLLM + "+cpu")
     with pytest.raises(RuntimeError, match=r"tested with vLLM 0\.32\.0 only"):
         check_vllm_version("0.33.0")
+
+
+def test_section_holds_no_bank_tables(folders: dict[str, Path]) -> None:
+    """Ranks and scalings live in the bank file alone; the section names what to serve and how."""
+    section = _good(folders)["personamoe"]
+    assert section["format"] == FORMAT
+    assert "ranks" not in section and "scalings" not in section
+
+
+def test_legacy_export_loads_like_new(folders: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "legacy"
+    shutil.copytree(folders["export"], out)
+    (out / "config.json").write_text(json.dumps(_legacy(out)))
+    sec = read_section(json.loads((out / "config.json").read_text()), out / "config.json")
+    assert sec.declared_ranks == sec.ranks and sec.declared_scalings == sec.scalings
+    ids = _ids()
+    with torch.no_grad():
+        got = load_exported(out).eval()(ids).logits
+        want = load_exported(folders["export"]).eval()(ids).logits
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_load_exported_reads_the_bank_once(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors
+    import safetensors.torch
+
+    opened: list[str] = []
+    real_load, real_open = safetensors.torch.load_file, safetensors.safe_open
+
+    def load_file(path: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(Path(path).name)
+        return real_load(path, *args, **kwargs)
+
+    def safe_open(path: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(Path(path).name)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "load_file", load_file)
+    monkeypatch.setattr(safetensors, "safe_open", safe_open)
+    load_exported(folders["export"])
+    assert opened.count(BANK_WEIGHTS) == 1
+
+
+def test_bank_and_section_disagree_on_experts(folders: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "renamed"
+    shutil.copytree(folders["export"], out)
+    cfg = _good(folders)
+    cfg["personamoe"]["experts"] = list(reversed(cfg["personamoe"]["experts"]))
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match=r"personamoe.experts'.*disagrees with the bank"):
+        load_exported(out)

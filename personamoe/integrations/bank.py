@@ -4,6 +4,7 @@ plain PEFT adapter (:func:`export_expert`)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -11,19 +12,23 @@ import torch
 from torch import Tensor, nn
 
 from personamoe.adapters import write_adapter
+from personamoe.integrations.bank_format import (
+    BANK_CONFIG,
+    BANK_FORMAT,
+    BANK_TENSORS,
+    BANK_WEIGHTS,
+    LORA_A,
+    tensor_key,
+)
 from personamoe.integrations.hf import install_layers
 from personamoe.integrations.layers import PersonaConv1DLayer, persona_layers
-from personamoe.integrations.modes import merge
 from personamoe.integrations.model_personas import refresh, state_of
+from personamoe.integrations.modes import merge
 from personamoe.personas import Persona, PersonaState
 
-__all__ = ["export_expert", "load_bank", "save_bank"]
+__all__ = ["BankFiles", "export_expert", "install_bank", "load_bank", "read_bank", "save_bank"]
 
-BANK_CONFIG = "personamoe_bank.json"
-BANK_WEIGHTS = "personamoe_bank.safetensors"
-_FORMAT = "personamoe-bank/1"
 M = TypeVar("M", bound=nn.Module)
-_TENSORS = ("lora_A", "lora_B", "scaling", "calibration", "pm_available", "pm_rank")
 
 
 def _model_name(model: nn.Module) -> str | None:
@@ -47,11 +52,11 @@ def save_bank(model: nn.Module, path: str | Path) -> Path:
             raise ValueError("save_bank: the model is merged; call personamoe.unmerge first")
         layers[name] = {"rank": layer.rank, "conv1d": isinstance(layer, PersonaConv1DLayer),
                         "calibrated": layer.pm_calibrated}  # fmt: skip
-        for t in _TENSORS:
-            tensors[f"{name}.{t}"] = getattr(layer, t).detach().to("cpu").contiguous()
-    save_file(tensors, str(path / BANK_WEIGHTS), metadata={"format": _FORMAT})
+        for t in BANK_TENSORS:
+            tensors[tensor_key(name, t)] = getattr(layer, t).detach().to("cpu").contiguous()
+    save_file(tensors, str(path / BANK_WEIGHTS), metadata={"format": BANK_FORMAT})
     meta = {
-        "format": _FORMAT,
+        "format": BANK_FORMAT,
         "experts": list(st.experts),
         "routing": st.routing if st.routing != "merged" else "token",
         "options": st.options,
@@ -67,22 +72,43 @@ def save_bank(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
-def load_bank(model: M, path: str | Path, *, freeze_base: bool = True) -> M:
-    """Inject the bank saved by :func:`save_bank` into the base ``model`` (in place; returned)."""
+@dataclass(frozen=True)
+class BankFiles:
+    """A bank read from disk: ``personamoe_bank.json``'s metadata and every tensor of the
+    safetensors file, on the CPU."""
+
+    config_file: Path
+    weights_file: Path
+    meta: dict[str, Any]
+    tensors: dict[str, Tensor]
+
+
+def read_bank(path: str | Path, weights: str = BANK_WEIGHTS) -> BankFiles:
+    """Read the bank in the folder ``path`` once (``weights``: the safetensors file's name)."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    cfg_file, w_file = path / BANK_CONFIG, path / BANK_WEIGHTS
+    cfg_file, w_file = path / BANK_CONFIG, path / weights
     if not cfg_file.is_file() or not w_file.is_file():
-        raise FileNotFoundError(f"{path}: expected {BANK_CONFIG} and {BANK_WEIGHTS} (save_bank)")
+        raise FileNotFoundError(f"{path}: expected {BANK_CONFIG} and {weights} (save_bank)")
     meta = json.loads(cfg_file.read_text())
-    if meta.get("format") != _FORMAT:
+    if meta.get("format") != BANK_FORMAT:
         raise ValueError(
-            f"{cfg_file}: key 'format': expected {_FORMAT!r}, got {meta.get('format')!r}"
+            f"{cfg_file}: key 'format': expected {BANK_FORMAT!r}, got {meta.get('format')!r}"
         )
+    return BankFiles(cfg_file, w_file, meta, load_file(str(w_file)))
+
+
+def load_bank(model: M, path: str | Path, *, freeze_base: bool = True) -> M:
+    """Inject the bank saved by :func:`save_bank` into the base ``model`` (in place; returned)."""
+    return install_bank(model, read_bank(path), freeze_base=freeze_base)
+
+
+def install_bank(model: M, bank: BankFiles, *, freeze_base: bool = True) -> M:
+    """Inject a bank already read by :func:`read_bank` into the base ``model`` (in place)."""
+    meta, tensors, w_file = bank.meta, bank.tensors, bank.weights_file
     if any(True for _ in persona_layers(model)):
         raise ValueError("model: personamoe.inject was already applied to this model")
-    tensors = load_file(str(w_file))
     opts = meta["options"]
     state = PersonaState(meta["experts"], meta["routing"], meta["default_weights"])
     state.options = dict(opts)
@@ -91,15 +117,15 @@ def load_bank(model: M, path: str | Path, *, freeze_base: bool = True) -> M:
     for name in meta["layers"]:
         if name not in names:
             raise ValueError(
-                f"{w_file}: key {name + '.lora_A'!r}: the model has no module {name!r}"
+                f"{w_file}: key {tensor_key(name, LORA_A)!r}: the model has no module {name!r}"
             )
     ranks = {name: int(info["rank"]) for name, info in meta["layers"].items()}
     layers = install_layers(model, state, ranks, top_k=opts["top_k"],
                             temperature=opts["temperature"], normalize=opts["normalize"])  # fmt: skip
     with torch.no_grad():
         for name, layer in layers.items():
-            for t in _TENSORS:
-                key = f"{name}.{t}"
+            for t in BANK_TENSORS:
+                key = tensor_key(name, t)
                 if key not in tensors:
                     raise ValueError(f"{w_file}: missing key {key!r}")
                 dst = getattr(layer, t)

@@ -7,7 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from personamoe.integrations.export import SECTION, ExportError, PersonaSection, read_section
+from personamoe.integrations.checkpoint.section import (
+    SECTION,
+    ExportError,
+    PersonaSection,
+    read_section,
+)
 
 __all__ = ["PACKED", "SUPPORTED_ARCHITECTURES", "current_section", "part_targets"]
 

@@ -28,7 +28,9 @@ from vllm.model_executor.layers.linear import (
 )
 
 from personamoe.integrations import tp
-from personamoe.integrations.export import ExportError, PersonaSection, read_bank_tensors
+from personamoe.integrations.bank_format import BANK_TENSORS, LORA_A, LORA_B, tensor_key
+from personamoe.integrations.checkpoint.bank_view import read_bank_tensors
+from personamoe.integrations.checkpoint.section import ExportError, PersonaSection
 from personamoe.integrations.vllm.config import current_section, part_targets
 from personamoe.layer_args import LayerArgs
 from personamoe.ops import persona_moe_linear_scores
@@ -84,14 +86,13 @@ class PersonaLinearMethod(UnquantizedLinearMethod):
 
         sec, lay = self.section, self.layout
         weight = layer.weight
-        keys = ("lora_A", "lora_B", "scaling", "calibration", "pm_available", "pm_rank")
         with safe_open(str(sec.bank_file()), framework="pt") as f:
             present = set(f.keys())
             for part in lay.parts:
                 if part.target is None:
                     continue
-                raw = {f"{part.target}.{k}": f.get_tensor(f"{part.target}.{k}") for k in keys
-                       if f"{part.target}.{k}" in present}  # fmt: skip
+                keys = [tensor_key(part.target, k) for k in BANK_TENSORS]
+                raw = {key: f.get_tensor(key) for key in keys if key in present}
                 t = read_bank_tensors(sec, part.target, raw)
                 part.bank = self._shard(layer, part, t, weight)
 
@@ -102,14 +103,14 @@ class PersonaLinearMethod(UnquantizedLinearMethod):
         dev, dt = weight.device, weight.dtype
         a, b = t["lora_A"], t["lora_B"]
         name = str(part.target)
-        where = f"{sec.bank_file()}: key {name + '.lora_A'!r}"
+        where = f"{sec.bank_file()}: key {tensor_key(name, LORA_A)!r}"
         if lay.kind == "column":
             if a.shape[2] != weight.shape[1]:
                 raise ExportError(f"{where}: expected d_in={weight.shape[1]}, got {a.shape[2]}")
             full = b.shape[1]
             if full != part.size * _n_shards(layer, part, lay):
                 raise ExportError(
-                    f"{sec.bank_file()}: key {name + '.lora_B'!r}: expected d_out="
+                    f"{sec.bank_file()}: key {tensor_key(name, LORA_B)!r}: expected d_out="
                     f"{part.size * _n_shards(layer, part, lay)}, got {full}"
                 )
             b = b[:, part.shard * part.size : (part.shard + 1) * part.size, :]
@@ -128,7 +129,7 @@ class PersonaLinearMethod(UnquantizedLinearMethod):
         avail = t["available"]
         bias = None
         if not bool(avail.all()):
-            # Experts that do not target this module are absent from its ranking (DESIGN.md §1).
+            # Experts that do not target this module are absent from its ranking (docs/design.md §1).
             bias = torch.where(avail, 0.0, float("-inf")).reshape(1, -1).to(dev, torch.float32)
         cal = t["calibration"].to(dev, torch.float32) if sec.calibration == "frobenius" else None
         return {
