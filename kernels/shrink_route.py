@@ -184,15 +184,16 @@ def _route_kernel(
 
     neg_inf = float("-inf")
     # Top-k: the largest remaining score, ties to the lower index; once only -inf remain, the
-    # lowest-index disallowed experts fill the slots. A NaN score (a token with NaN input) falls
-    # back to the lowest free index so that the choice stays inside [0, E).
+    # lowest-index disallowed experts fill the slots. NaN ranks last (below -inf, as in the
+    # reference): a NaN expert is taken, lowest index first, only when nothing else is left.
     taken = offs_e >= E
+    is_nan = n != n
     offs_j = tl.arange(0, BLOCK_TOPK)
     sel_vec = tl.zeros((BLOCK_TOPK,), dtype=tl.int32)
     val_vec = tl.full((BLOCK_TOPK,), neg_inf, dtype=tl.float32)
     for j in tl.static_range(TOP_K):
-        m = tl.max(tl.where(taken, neg_inf, n), axis=0)
-        cand = (~taken) & (n == m)
+        m = tl.max(tl.where(taken | is_nan, neg_inf, n), axis=0)
+        cand = (~taken) & (~is_nan) & (n == m)
         sel = tl.min(tl.where(cand, offs_e, BLOCK_E), axis=0)
         free_lo = tl.min(tl.where(taken, BLOCK_E, offs_e), axis=0)
         sel = tl.where(sel >= BLOCK_E, free_lo, sel)

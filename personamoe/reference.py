@@ -84,8 +84,15 @@ def _masked_softmax(z: Tensor, allowed: Tensor) -> Tensor:
 
 
 def _sorted_topk(values: Tensor, k: int) -> Tensor:
-    """Indices of the k largest values per row, ties to the lower index (a stable descending sort)."""
-    return torch.sort(values, dim=-1, descending=True, stable=True).indices[:, :k]
+    """Indices of the k largest values per row, ties to the lower index (a stable descending sort).
+
+    NaN ranks last, below ``-inf`` (torch's sort would put it first): an expert whose score is
+    NaN is chosen only when nothing else is left, so NaN in one expert never reaches tokens that
+    had k other experts to choose from (docs/design.md §1)."""
+    nan = torch.isnan(values)
+    order = torch.sort(values.masked_fill(nan, float("-inf")), dim=-1, descending=True, stable=True)
+    last = torch.sort(nan.gather(-1, order.indices).to(torch.uint8), dim=-1, stable=True).indices
+    return order.indices.gather(-1, last)[:, :k]
 
 
 def gates_for(
@@ -121,11 +128,23 @@ def fixed_route(weights_rows: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
 
 
 def _mix(h: Tensor, lora_b: Tensor, coeff: Tensor) -> Tensor:
-    """``sum_e coeff[t, e] * (B[e] @ h[t, e])`` as one GEMM over ``E*r`` (coeff already holds ``s``)."""
+    """``sum_e coeff[t, e] * (B[e] @ h[t, e])`` as one GEMM over ``E*r`` (coeff already holds ``s``).
+
+    Only used experts touch a token: ``h`` of an unused expert (coefficient 0) is replaced by 0,
+    not multiplied by it (``0 * inf`` is NaN).
+    Non-finite entries of ``B`` are zeroed for the GEMM (a dense GEMM would multiply them by
+    other tokens' zeros); a token that does use such an expert gets a NaN row instead.
+    """
     T, E, r = h.shape
     d_out = lora_b.shape[1]
-    b_cat = lora_b.to(h.dtype).permute(0, 2, 1).reshape(E * r, d_out)
-    return (h * coeff[:, :, None]).reshape(T, E * r) @ b_cat
+    used = coeff != 0
+    hc = torch.where(used[:, :, None], h * coeff[:, :, None], torch.zeros_like(h))
+    b = lora_b.to(h.dtype)
+    finite = torch.isfinite(b)
+    b = torch.where(finite, b, torch.zeros_like(b))
+    y = hc.reshape(T, E * r) @ b.permute(0, 2, 1).reshape(E * r, d_out)
+    uses_bad = (used & ~finite.flatten(1).all(dim=1)[None, :]).any(dim=1)
+    return torch.where(uses_bad[:, None], torch.full_like(y, float("nan")), y)
 
 
 def expand(
