@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import weakref
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -75,7 +76,17 @@ def _check_float_vector(
     _check_same(name, t, x, dtype=False)
     if not t.is_floating_point():
         raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
-    if reads and not _values_known_ok(t, positive):
+    if reads and t.device.type == "cpu":
+        # On CPU reading E values costs ~2 us through numpy: checked every call, so no write
+        # (``.data``, numpy views) can slip past a cache. On GPUs a read is a host sync, so the
+        # check is cached by version counter there (``.data`` writes bypass it: documented).
+        f = t.detach().float().numpy()
+        bad_np = ~np.isfinite(f) | ((f <= 0) if positive else False)
+        if bad_np.any():
+            i = int(bad_np.nonzero()[0][0])
+            want = "finite and > 0 in float32" if positive else "finite in float32"
+            raise ValueError(f"{name}: expected every entry {want}, got {t[i].item()} at index {i}")
+    elif reads and not _values_known_ok(t, positive):
         # Checked as the kernels read it (fp32): a float64 1e300 is finite there only as inf.
         f = t.detach().float()
         bad = ~torch.isfinite(f) | ((f <= 0) if positive else torch.zeros_like(f, dtype=torch.bool))

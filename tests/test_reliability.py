@@ -154,3 +154,24 @@ def test_double_backward_refused():
     y = personamoe.persona_moe_linear(**a, top_k=2)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(y.sum(), a["x"], create_graph=True)
+
+
+def test_scaling_written_through_data_is_rechecked():
+    """A write that bumps no version counter (``.data``, numpy) is still seen on CPU."""
+    a = _args()
+    scaling = torch.ones(4)
+    personamoe.persona_moe_linear(**{**a, "scaling": scaling}, top_k=2)
+    scaling.data[1] = float("nan")
+    with pytest.raises(ValueError, match="scaling"):
+        personamoe.persona_moe_linear(**{**a, "scaling": scaling}, top_k=2)
+    scaling.data[1] = 1.0
+    scaling.numpy()[2] = float("inf")
+    with pytest.raises(ValueError, match="scaling"):
+        personamoe.persona_moe_linear(**{**a, "scaling": scaling}, top_k=2)
+
+
+def test_triton_interpreter_refuses_bf16():
+    pytest.importorskip("triton")
+    a = _args(dtype=torch.bfloat16)
+    with use_backend("triton"), pytest.raises(ValueError, match="bfloat16"):
+        personamoe.persona_moe_linear(**a, top_k=2)

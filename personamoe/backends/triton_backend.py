@@ -10,6 +10,8 @@ import functools
 import importlib.util
 import os
 
+import torch
+
 from personamoe.backends.base import Backend, LayerArgs, LayerOutputs
 
 
@@ -39,5 +41,12 @@ class TritonBackend(Backend):
 
     def run(self, args: LayerArgs) -> LayerOutputs:
         from personamoe.kernels import launchers
+
+        if args.x.device.type == "cpu" and args.x.dtype == torch.bfloat16:
+            # The interpreter computes tl.dot through numpy, which has no bfloat16: wrong numbers.
+            raise ValueError(
+                "x: expected float32 or float16 for the Triton interpreter on CPU (it computes "
+                "bfloat16 dots wrongly), got torch.bfloat16; use the cpp backend on CPU"
+            )
 
         return launchers.persona_moe_linear(args)
