@@ -20,8 +20,8 @@ from personamoe.integrations.bank_format import (
     LORA_A,
     tensor_key,
 )
-from personamoe.integrations.hf import install_layers
-from personamoe.integrations.layers import PersonaConv1DLayer, persona_layers
+from personamoe.integrations.install import install_layers, train_only_the_bank
+from personamoe.integrations.layers import persona_layers
 from personamoe.integrations.model_personas import refresh, state_of
 from personamoe.integrations.modes import merge
 from personamoe.personas import Persona, PersonaState
@@ -50,7 +50,7 @@ def save_bank(model: nn.Module, path: str | Path) -> Path:
     for name, layer in persona_layers(model):
         if layer.pm_merged:
             raise ValueError("save_bank: the model is merged; call personamoe.unmerge first")
-        layers[name] = {"rank": layer.rank, "conv1d": isinstance(layer, PersonaConv1DLayer),
+        layers[name] = {"rank": layer.rank, "conv1d": layer.fan_in_fan_out,
                         "calibrated": layer.pm_calibrated}  # fmt: skip
         for t in BANK_TENSORS:
             tensors[tensor_key(name, t)] = getattr(layer, t).detach().to("cpu").contiguous()
@@ -136,12 +136,7 @@ def install_bank(model: M, bank: BankFiles, *, freeze_base: bool = True) -> M:
                     )
                 dst.copy_(tensors[key])
             layer.pm_calibrated = bool(meta["layers"][name].get("calibrated", False))
-    if freeze_base:
-        for p in model.parameters():
-            p.requires_grad_(False)
-    for layer in layers.values():
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
+    train_only_the_bank(model, layers.values(), freeze_base=freeze_base)
     for d in meta.get("personas") or []:
         persona = Persona.from_dict(d)
         state.check(persona)
@@ -166,7 +161,7 @@ def export_expert(model: nn.Module, name: str, path: str | Path) -> Path:
         a = layer.lora_A[e, :r].detach()
         b = layer.lora_B[e, :, :r].detach()
         modules[lname] = (a, b, float(layer.scaling[e]))
-        conv1d = conv1d or isinstance(layer, PersonaConv1DLayer)
+        conv1d = conv1d or layer.fan_in_fan_out
     if not modules:
         raise ValueError(f"name: expert {name!r} targets no layer of this model")
     return write_adapter(path, modules, base_config=st.configs.get(name), fan_in_fan_out=conv1d,
