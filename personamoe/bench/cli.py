@@ -16,7 +16,14 @@ from typing import Any
 import torch
 
 from personamoe.bench import layer as bl
-from personamoe.bench.runner import Result, describe_machine, machine_info, ratio_table
+from personamoe.bench.runner import (
+    CLOCKS,
+    Result,
+    describe_machine,
+    machine_info,
+    paired_ratio,
+    ratio_table,
+)
 
 LAYER_CASES = tuple(bl.CASES)
 ALL_CASES = (*LAYER_CASES, "M")
@@ -37,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default=None,
         choices=["float32", "bfloat16", "float16"],
-        help="default: float32 on CPU, bfloat16 on CUDA (DESIGN.md §3)",
+        help="default: float32 on CPU, bfloat16 on CUDA (docs/design.md §5)",
     )
     p.add_argument(
         "--providers",
@@ -57,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--full",
         dest="quick",
         action="store_false",
-        help="DESIGN.md's full settings (model case: 32 new tokens)",
+        help="the full settings of docs/design.md §5 (model case: 32 new tokens)",
     )
     p.add_argument("--out", default="bench-results", help="folder for results.json and results.png")
     p.add_argument(
@@ -65,6 +72,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="layer weight bytes rotated per case (0: 256 MiB quick, 640 MiB full)",
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=sorted(CLOCKS),
+        help="wall-clock (default) or the calling thread's CPU time, which leaves out time spent "
+        "descheduled on a machine shared with other jobs (CPU only; use with --threads 1)",
     )
 
 
@@ -98,7 +113,7 @@ def run_layer_case(name: str, args: argparse.Namespace, dtype: torch.dtype) -> l
         sets = [bl.WeightSet(*(t.cuda() for t in dataclasses.astuple(w))) for w in sets]
     x = bl.make_input(case).to(args.device)
     rounds = args.repeats or (QUICK_ROUNDS if args.quick else FULL_ROUNDS)[name]
-    samples = bl.measure(case, providers, sets, rounds=rounds, x=x)
+    samples = bl.measure(case, providers, sets, rounds=rounds, x=x, clock=args.clock)
     return [Result(name, p, s) for p, s in samples.items()]
 
 
@@ -124,7 +139,7 @@ def run_model_case(args: argparse.Namespace, dtype: torch.dtype) -> list[Result]
             f"{rounds} rounds"
         )
         results = time_interleaved(
-            "M", fns, repeats=rounds, warmup=1, device=args.device, progress=_log
+            "M", fns, repeats=rounds, warmup=1, device=args.device, progress=_log, clock=args.clock
         )
     finally:
         bench.close()
@@ -135,8 +150,9 @@ def run_model_case(args: argparse.Namespace, dtype: torch.dtype) -> list[Result]
 
 
 def target_lines(results: list[Result]) -> list[str]:
-    """The figures that count (DESIGN.md §3): personamoe / base, and its overhead against the
-    smallest overhead of the other providers of the same case."""
+    """The figures that count (docs/design.md §5.4): personamoe / base (of the medians, and paired
+    round by round), and its overhead against the smallest overhead of the other providers of the
+    same case."""
     out = []
     cases = dict.fromkeys(r.case for r in results)
     for case in cases:
@@ -144,12 +160,13 @@ def target_lines(results: list[Result]) -> list[str]:
         if "base" not in rs or "personamoe" not in rs:
             continue
         base, pm = rs["base"].median, rs["personamoe"].median
+        paired = paired_ratio(rs["personamoe"], rs["base"])
         others = {
             p: r.median - base
             for p, r in rs.items()
             if p not in ("base", "personamoe", "reference")
         }
-        line = f"{case}: personamoe / base = {pm / base:.3f}"
+        line = f"{case}: personamoe / base = {pm / base:.3f} (paired {paired:.3f})"
         if others:
             best = min(others, key=lambda p: others[p])
             line += (
@@ -200,6 +217,10 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"--cases: expected some of {','.join(ALL_CASES)}, got {','.join(bad)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch here")
+    if args.device == "cuda" and args.clock == "cpu":
+        raise SystemExit("--clock cpu: the CPU time of the calling thread misses GPU work")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype_name = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     dtype = getattr(torch, dtype_name)
     info = machine_info()
@@ -221,6 +242,7 @@ def main(args: argparse.Namespace) -> int:
         "mode": "quick" if args.quick else "full",
         "dtype": dtype_name,
         "device": args.device,
+        "clock": args.clock,
         "command": " ".join(sys.argv),
         "seconds": time.time() - t0,
         "results": [r.as_dict() for r in results],

@@ -1,20 +1,19 @@
-"""The layer benchmark of DESIGN.md §3: cases L1/L16/L256 and the providers compared on them.
+"""The layer benchmark of docs/design.md §5: cases L1/L16/L256 and the providers compared on them.
 
-One source of truth for ``benchmarks/test_bench_layer.py`` (pytest-benchmark), the ratio-table
-script ``benchmarks/bench_layer.py`` and any later CLI. Every provider computes the whole layer,
-base included, in token mode (``normalize="topk"``, temperature 1, no calibration or persona
-table), so each one can be checked against :func:`personamoe.reference.persona_moe_linear`.
+One source of truth for ``python -m personamoe bench`` (:mod:`personamoe.bench.cli`), the
+pytest-benchmark suite ``benchmarks/test_bench_layer.py`` and ``benchmarks/gpu_check.py``. Every
+provider computes the whole layer, base included, in token mode (``normalize="topk"``,
+temperature 1, no calibration or persona table), so each one can be checked against
+:func:`personamoe.reference.persona_moe_linear`.
 
 Weights are rotated over several weight sets (:func:`make_weight_sets`) so that a case is not
 measured with its weights sitting in cache; :func:`measure` times the providers interleaved
-(A B C A B C ...) and reports medians.
+(A B C A B C ...) with the one timing loop of every benchmark, :func:`runner.time_interleaved`.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,7 +30,6 @@ __all__ = [
     "PROVIDERS",
     "LayerCase",
     "WeightSet",
-    "machine_info",
     "make_input",
     "make_weight_sets",
     "measure",
@@ -68,7 +66,7 @@ CASES: dict[str, LayerCase] = {
 
 @dataclass(frozen=True)
 class WeightSet:
-    """One layer's weights, in the layouts of DESIGN.md §1."""
+    """One layer's weights, in the layouts of docs/design.md §3.1."""
 
     weight: Tensor  # [d_out, d_in]
     bias: Tensor  # [d_out]
@@ -195,44 +193,44 @@ def measure(
     x: Tensor | None = None,
     clock: str = "wall",
 ) -> dict[str, list[float]]:
-    """Seconds per call of each provider, timed interleaved: every round calls each provider once
-    (in a rotated order), each call on the next weight set. Returns the raw samples.
+    """Seconds per call of each provider, timed interleaved by :func:`runner.time_interleaved`:
+    every round calls each provider once (in a rotated order), each call on the next weight set.
+    Returns the raw samples (sample ``i`` of every provider from round ``i``).
 
-    ``clock="wall"`` (default) times wall-clock; ``clock="cpu"`` the CPU time of the calling
-    thread (``time.thread_time``), which on a machine shared with other jobs leaves out the time
-    it sat descheduled. Only meaningful with one torch thread (all work on the calling thread).
+    ``warmup`` untimed passes over the weight sets come first. ``clock`` is ``"wall"`` (default)
+    or ``"cpu"`` (:data:`runner.CLOCKS`: the calling thread's CPU time, robust to other jobs on a
+    shared machine; use it with one torch thread).
     """
-    x = make_input(case) if x is None else x
-    fns = [PROVIDERS[p] for p in providers]
-    samples: dict[str, list[float]] = {p: [] for p in providers}
-    n_sets = len(weight_sets)
-    if clock not in ("wall", "cpu"):
-        raise ValueError(f"clock: expected 'wall' or 'cpu', got {clock!r}")
-    clock_fn = time.perf_counter if clock == "wall" else time.thread_time
-    with torch.inference_mode():
-        for i in range(warmup * n_sets):
-            for fn in fns:
-                fn(x, weight_sets[i % n_sets], case.top_k)
-        for i in range(rounds):
-            order = list(range(len(fns)))
-            shift = i % len(fns)
-            order = order[shift:] + order[:shift]
-            for j in order:
-                w = weight_sets[(i * len(fns) + j) % n_sets]
-                t0 = clock_fn()
-                fns[j](x, w, case.top_k)
-                samples[providers[j]].append(clock_fn() - t0)
-    return samples
+    device = weight_sets[0].weight.device
+    x = make_input(case).to(device) if x is None else x
+    n_sets, n_prov = len(weight_sets), len(providers)
 
+    def rotating(j: int, provider: Provider) -> Callable[[], Tensor]:
+        calls = 0
 
-def medians(samples: dict[str, list[float]]) -> dict[str, float]:
-    return {p: statistics.median(v) for p, v in samples.items()}
+        def call() -> Tensor:
+            # Call c of provider j takes set (c * n_prov + j): within a round every provider
+            # reads other weights than the one before it, so none is timed from a warm cache.
+            nonlocal calls
+            w = weight_sets[(calls * n_prov + j) % n_sets]
+            calls += 1
+            return provider(x, w, case.top_k)
 
+        return call
 
-def machine_info() -> str:
-    """CPU model, core count, torch version and threads, the ISA path of the C++ kernel."""
-    info = runner.machine_info()
-    return (
-        f"{info['cpu']}; {info['cores']} logical cores; torch {info['torch']} "
-        f"({info['torch_threads']} threads); personamoe cpp path: {info['cpp_isa']}"
+    fns: dict[str, Callable[[], object]] = {
+        p: rotating(j, PROVIDERS[p]) for j, p in enumerate(providers)
+    }
+    results = runner.time_interleaved(
+        case.name,
+        fns,
+        repeats=rounds,
+        warmup=warmup * n_sets,
+        device=device.type,
+        clock=clock,
     )
+    return {p: r.samples for p, r in results.items()}
+
+
+# The one machine description (runner.describe_machine), under the name the layer scripts use.
+machine_info = runner.describe_machine

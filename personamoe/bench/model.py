@@ -1,4 +1,4 @@
-"""The model case M of DESIGN.md §3: a random-weight Llama generating greedily, per provider.
+"""The model case M of docs/design.md §5: a random-weight Llama generating greedily, per provider.
 
 Providers, each a real implementation over the same base weights and the same eight adapters:
 ``base`` (no adapters), ``peft_lora`` (one PEFT LoRA, unmerged), ``peft_mixed`` (PEFT mixed batch,
@@ -24,7 +24,7 @@ MODEL_PROVIDERS = ("base", "personamoe", "peft_lora", "peft_mixed", "xlora")
 
 @dataclass(frozen=True)
 class ModelCase:
-    """Sizes of the model case; ``M`` is DESIGN.md's, the others make tests and quick runs cheap."""
+    """Sizes of the model case; ``M`` is docs/design.md §5.1's, the others make tests and quick runs cheap."""
 
     name: str = "M"
     hidden_size: int = 1024

@@ -55,6 +55,12 @@ class Result:
         return out
 
 
+# What a sample measures: wall-clock time, or the CPU time of the calling thread, which leaves out
+# the time it sat descheduled on a machine shared with other jobs (meaningful only when all the
+# work runs on the calling thread: one torch thread, CPU device).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -68,8 +74,16 @@ def time_interleaved(
     warmup: int = 1,
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
+    clock: str = "wall",
 ) -> dict[str, Result]:
-    """Time every provider ``repeats`` times, interleaved; ``warmup`` untimed rounds first."""
+    """Time every provider ``repeats`` times, interleaved; ``warmup`` untimed rounds first.
+
+    Sample ``i`` of every provider comes from round ``i``, so per-round ratios pair them
+    (:func:`paired_ratio`). ``clock`` is a key of :data:`CLOCKS`.
+    """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock: expected one of {sorted(CLOCKS)}, got {clock!r}")
+    now = CLOCKS[clock]
     results = {name: Result(case, name) for name in fns}
     with torch.inference_mode():
         for _ in range(warmup):
@@ -82,13 +96,19 @@ def time_interleaved(
             names = names[i % len(names) :] + names[: i % len(names)]
             for name in names:
                 _sync(device)
-                t0 = time.perf_counter()
+                t0 = now()
                 fns[name]()
                 _sync(device)
-                results[name].samples.append(time.perf_counter() - t0)
+                results[name].samples.append(now() - t0)
             if progress is not None:
                 progress(f"{case}: round {i + 1}/{repeats}")
     return results
+
+
+def paired_ratio(result: Result, base: Result) -> float:
+    """Median over rounds of ``result / base`` within the same round: steadier than the ratio of
+    medians on a shared machine, since load that drifts slowly cancels within a round."""
+    return statistics.median(a / b for a, b in zip(result.samples, base.samples, strict=True))
 
 
 def cpu_model() -> str:
@@ -127,7 +147,9 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def describe_machine(info: dict[str, Any]) -> str:
+def describe_machine(info: dict[str, Any] | None = None) -> str:
+    """:func:`machine_info` (measured now when not given) in one line, printed by every benchmark."""
+    info = machine_info() if info is None else info
     gpu = f", GPU {info['gpu']}" if info.get("gpu") else ", no GPU"
     return (
         f"{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads, C++ path "
