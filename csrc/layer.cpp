@@ -79,8 +79,8 @@ const Kernels& kernels() {
 
 const float* persona_row(const LayerArgs& a, int64_t t) {
   if (!a.table || !a.persona_ids) return nullptr;
-  const int64_t p = a.ids_int32 ? static_cast<const int32_t*>(a.persona_ids)[t]
-                                : static_cast<const int64_t*>(a.persona_ids)[t];
+  const int64_t p = a.ids_dtype == DType::I32 ? static_cast<const int32_t*>(a.persona_ids)[t]
+                                              : static_cast<const int64_t*>(a.persona_ids)[t];
   if (p < 0 || p >= a.P) return nullptr;  // "no persona": never read outside the table
   return a.table + p * a.E;
 }
@@ -117,11 +117,12 @@ void layer_forward(const LayerArgs& a) {
   const Kernels& K = kernels();
   const int64_t T = a.T, E = a.E, r = a.r, k = a.k, ER = a.E * a.r;
   if (T <= 0) return;
-  const int64_t kmax = a.fixed ? E : k;
+  const bool fixed = a.mode == Mode::Fixed;
+  const int64_t kmax = fixed ? E : k;
 
   // Which experts' h is needed: all of them for ranking, only non-zero weights in fixed mode.
-  std::vector<unsigned char> needed(static_cast<size_t>(E), a.fixed ? 0 : 1);
-  if (a.fixed)
+  std::vector<unsigned char> needed(static_cast<size_t>(E), fixed ? 0 : 1);
+  if (fixed)
     for (int64_t t = 0; t < T; ++t)
       if (const float* row = persona_row(a, t))
         for (int64_t e = 0; e < E; ++e)
@@ -129,7 +130,7 @@ void layer_forward(const LayerArgs& a) {
   std::vector<int64_t> seg_start;
   std::vector<int32_t> seg_len;
   for (int64_t e = 0; e < E; ++e)
-    if (needed[e] && !a.h_in)
+    if (needed[e])
       for (int64_t i = 0; i < r; i += detail::kRowGroup) {
         seg_start.push_back(e * r + i);
         seg_len.push_back(static_cast<int32_t>(r - i < detail::kRowGroup ? r - i : detail::kRowGroup));
@@ -145,7 +146,7 @@ void layer_forward(const LayerArgs& a) {
       seg_len.push_back(static_cast<int32_t>(a.d_out - i < detail::kRowGroup ? a.d_out - i : detail::kRowGroup));
     }
   }
-  std::unique_ptr<float[]> h(a.h_in ? nullptr : new float[static_cast<size_t>(T * ER)]);
+  std::unique_ptr<float[]> h(new float[static_cast<size_t>(T * ER)]);
   // Few tokens: every thread routes all of them itself (a few hundred ns a token) into its own
   // copy of the entries, which saves the barrier between routing and mixing; on a loaded machine
   // each barrier can cost a scheduler time slice. Only thread 0 writes the routing outputs.
@@ -157,8 +158,7 @@ void layer_forward(const LayerArgs& a) {
 
   Work w;
   w.a = &a;
-  // The kernels only read h after the shrink phase, so a caller's h is never written.
-  w.h = a.h_in ? const_cast<float*>(a.h_in) : h.get();
+  w.h = h.get();
   w.h_stride = ER;
   w.seg_start = seg_start.data();
   w.seg_len = seg_len.data();
@@ -184,7 +184,6 @@ void layer_forward(const LayerArgs& a) {
   std::unique_ptr<float[]> scratch(new float[scratch_floats * static_cast<size_t>(nt)]);
   std::unique_ptr<unsigned char[]> used(new unsigned char[static_cast<size_t>(E * nt)]);
   const float inv_t = 1.0f / a.temperature;
-  const Normalize norm = a.normalize == 1 ? Normalize::Full : Normalize::TopK;
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
@@ -223,7 +222,7 @@ void layer_forward(const LayerArgs& a) {
       int32_t* ee = const_cast<int32_t*>(wt.ent_e) + t * kmax;
       float* ec = const_cast<float*>(wt.ent_c) + t * kmax;
       int32_t n = 0;
-      if (a.fixed) {
+      if (fixed) {
         for (int64_t e = 0; e < E; ++e) sc[e] = row ? row[e] : 0.0f;
         topk_lower_index(sc, E, k, idx);
         for (int64_t j = 0; j < k; ++j) g[j] = sc[idx[j]];
@@ -233,7 +232,7 @@ void layer_forward(const LayerArgs& a) {
             ec[n++] = sc[e] * a.scaling[e];
           }
       } else {
-        route_token(w.h + t * ER, E, r, a.calibration, row, k, inv_t, norm, sc, idx, g);
+        route_token(w.h + t * ER, E, r, a.calibration, row, k, inv_t, a.normalize, sc, idx, g);
         for (int64_t j = 0; j < k; ++j)
           if (g[j] != 0.0f) {
             ee[n] = idx[j];

@@ -1,4 +1,4 @@
-// The fused persona-MoE layer on CPU (DESIGN.md §1): shrink over all experts, scores, top-k,
+// The fused persona-MoE layer on CPU (docs/design.md §1): shrink over all experts, scores, top-k,
 // gates (or the fixed mode's weights) and the gated mix of the chosen experts, and for few tokens
 // the base GEMM x W^T + b too. Free of torch and pybind: raw pointers in, raw pointers out.
 //
@@ -16,14 +16,15 @@
 
 #include <cstdint>
 
+#include "common/codes.h"
+
 namespace personamoe {
 
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
-
 // Everything one call needs. Pointers of the input dtype are void*; the rest is fp32/int.
+// Python fills it by field name (csrc/bindings.cpp, personamoe/backends/cpp_backend.py).
 struct LayerArgs {
   int64_t T = 0, d_in = 0, d_out = 0, E = 0, r = 0, k = 0;
-  DType dtype = DType::F32;
+  DType dtype = DType::F32;  // of x, lora_a, lora_b, weight, bias and y: F32, BF16 or F16
   const void* x = nullptr;  // [T, d_in], row stride x_stride, unit inner stride
   int64_t x_stride = 0;
   const void* lora_a = nullptr;  // [E, r, d_in] contiguous
@@ -32,19 +33,16 @@ struct LayerArgs {
   const float* calibration = nullptr;  // [E] or nullptr (all ones)
   const float* table = nullptr;        // [P, E] persona bias (token mode) or weights (fixed mode)
   int64_t P = 0;
-  const void* persona_ids = nullptr;  // [T] int32 or int64, or nullptr; ids outside [0, P) = none
-  bool ids_int32 = false;
-  bool fixed = false;  // persona_weights mode
+  const void* persona_ids = nullptr;  // [T] or nullptr; ids outside [0, P) = no persona
+  DType ids_dtype = DType::I64;       // of persona_ids: I32 or I64
+  Mode mode = Mode::Token;            // Fixed: `table` holds persona_weights
   float temperature = 1.0f;
-  int normalize = 0;  // 0 = "topk", 1 = "full"
+  Normalize normalize = Normalize::TopK;
   // Base layer: with `weight` set (contiguous [d_out, d_in], dtype of x; `bias` [d_out] or
   // nullptr) the kernel computes x W^T + b itself and y's contents are ignored; with nullptr, y
   // already holds the base output and the mix is added into it.
   const void* weight = nullptr;
   const void* bias = nullptr;
-  // Optional precomputed shrink h = x A^T, [T, E*r] fp32 contiguous (the caller ran it through
-  // BLAS, faster for many tokens); nullptr: the kernel computes h itself.
-  const float* h_in = nullptr;
   void* y = nullptr;  // [T, d_out], row stride y_stride
   int64_t y_stride = 0;
   int32_t* topk_idx = nullptr;  // [T, k] out
@@ -66,8 +64,8 @@ const char* active_isa();
 // Not to be called while another thread runs layer_forward.
 const char* force_isa(const char* name);
 
-// Test hook: the shrink alone, h [T, rows] fp32 = x [T, d_in] @ w[rows, d_in]^T with this file's
-// micro-kernel (used to measure the base GEMM in-kernel against BLAS, and by the C++ tests).
+// Measurement hook: the shrink alone, h [T, rows] fp32 = x [T, d_in] @ w[rows, d_in]^T with this
+// file's micro-kernel (benchmarks/bench_layer.py --base-in-kernel times it against BLAS).
 void shrink_only(DType dtype, const void* x, int64_t x_stride, const void* w, int64_t T,
                  int64_t d_in, int64_t rows, float* h, int num_threads);
 

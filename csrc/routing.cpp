@@ -3,10 +3,6 @@
 #include <cmath>
 #include <limits>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace personamoe {
 
 void topk_lower_index(const float* values, int64_t E, int64_t k, int32_t* idx) {
@@ -77,23 +73,6 @@ void route_token(const float* h_t, int64_t E, int64_t r, const float* calibratio
     for (int64_t j = 0; j < k; ++j) gates[j] = p[idx[j]];
   }
   delete[] heap;
-}
-
-void route_tokens(const float* h, int64_t T, int64_t E, int64_t r, const float* calibration,
-                  const float* persona_bias, const int64_t* persona_ids, int64_t P, int64_t k,
-                  float temperature, Normalize normalize, int32_t* topk_idx, float* topk_gates,
-                  float* scores, int num_threads) {
-  const float inv_t = 1.0f / temperature;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && T > 16)
-  for (int64_t t = 0; t < T; ++t) {
-    const float* bias_row = nullptr;
-    if (persona_bias && persona_ids) {
-      const int64_t p = persona_ids[t];
-      if (p >= 0 && p < P) bias_row = persona_bias + p * E;
-    }
-    route_token(h + t * E * r, E, r, calibration, bias_row, k, inv_t, normalize, scores + t * E,
-                topk_idx + t * k, topk_gates + t * k);
-  }
 }
 
 }  // namespace personamoe

@@ -376,14 +376,3 @@ def test_bad_inputs_raise_before_the_kernel(change, match):
     args.update(change)
     with use_backend("cpp"), pytest.raises((ValueError, TypeError), match=match):
         personamoe.persona_moe_linear(**args)
-
-
-def test_precomputed_shrink_path(monkeypatch):
-    """The kernel's h_in input (shrink through BLAS, a measured-and-off switch) stays correct."""
-    import personamoe.backends.cpp_backend as cb
-
-    monkeypatch.setattr(cb, "SHRINK_IN_BLAS", True)
-    t = make(70, 37, 45, 8, 16, seed=12)
-    pb = torch.randn(3, 8)
-    ids = torch.randint(-1, 3, (70,))
-    check(*run_both(t, top_k=2, persona_bias=pb, persona_ids=ids), torch.float32, 1e-4, 1e-4, 2)

@@ -1,4 +1,5 @@
-"""The C++ routing step of personamoe._C (scores, top-k, gates on a precomputed h) vs the reference."""
+"""The C++ routing step (scores, top-k, gates of a given h) vs the reference, through the fused
+kernel: with ``x = h`` flattened and ``A`` the identity, the kernel's shrink gives back ``h``."""
 
 from __future__ import annotations
 
@@ -6,9 +7,33 @@ import pytest
 import torch
 
 from personamoe import reference as R
-from personamoe.backends.cpp_backend import route_from_h
+from personamoe.backends import available_backends
+from personamoe.backends.cpp_backend import fused_forward
+from personamoe.layer_args import LayerArgs
+
+pytestmark = pytest.mark.skipif(
+    available_backends()["cpp"] != "available", reason="the C++ extension is not built"
+)
 
 INF = float("inf")
+
+
+def route_from_h(h, *, top_k, temperature, normalize, calibration, persona_bias, persona_ids):
+    """``(topk_idx, topk_gates, scores)`` of ``h [T, E, r]`` by the C++ kernel.
+
+    ``x = h.reshape(T, E*r)`` and ``A[e]`` selects the columns of expert ``e`` (an identity), so
+    the shrink ``x A^T`` is ``h`` exactly (products by 1, sums of exact zeros; a NaN or inf in a
+    token spreads only within that token). The mix's output is not looked at.
+    """
+    T, E, r = h.shape
+    lora_a = torch.eye(E * r).reshape(E, r, E * r)
+    a = LayerArgs(
+        h.reshape(T, E * r).float().contiguous(), torch.zeros(1, E * r), None, lora_a,
+        torch.zeros(E, 1, r), torch.ones(E), top_k, temperature, normalize, calibration,
+        persona_bias, persona_ids, None,
+    )  # fmt: skip
+    _, idx, gates, n = fused_forward(a)
+    return idx, gates, n
 
 
 @pytest.mark.parametrize("T", [0, 1, 7, 64, 257])

@@ -1,5 +1,5 @@
 // C++ tests of the fused layer kernel (csrc/layer.h) against a plain scalar implementation of
-// DESIGN.md §1, written here independently. Built only with -DPERSONAMOE_BUILD_TESTS=ON (never in
+// docs/design.md §1, written here independently. Built only with -DPERSONAMOE_BUILD_TESTS=ON (never in
 // the wheel); run under -DPERSONAMOE_SANITIZE=ON for AddressSanitizer + UBSan:
 //
 //   cmake -S . -B build/cpptest -DPERSONAMOE_BUILD_TESTS=ON -DPERSONAMOE_SANITIZE=ON \
@@ -238,10 +238,10 @@ void run_case(const Case& c, uint32_t seed) {
   a.table = table.empty() ? nullptr : table.data();
   a.P = P;
   a.persona_ids = table.empty() ? nullptr : (c.ids32 ? static_cast<const void*>(ids32.data()) : ids.data());
-  a.ids_int32 = c.ids32;
-  a.fixed = c.mode == 1;
+  a.ids_dtype = c.ids32 ? DType::I32 : DType::I64;
+  a.mode = c.mode == 1 ? personamoe::Mode::Fixed : personamoe::Mode::Token;
   a.temperature = c.temperature;
-  a.normalize = c.normalize;
+  a.normalize = c.normalize == 1 ? personamoe::Normalize::Full : personamoe::Normalize::TopK;
   a.y = c.dt == DType::F32 ? static_cast<void*>(yf.data()) : yh.data();
   a.y_stride = c.d_out;
   a.topk_idx = idx.data();

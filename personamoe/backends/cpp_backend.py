@@ -20,17 +20,12 @@ import torch
 from torch import Tensor
 
 from personamoe.backends.base import Backend, LayerArgs, LayerOutputs
+from personamoe.backends.kernel_codes import KernelCodes, kernel_codes
 
-_NORMALIZE_CODE = {"topk": 0, "full": 1}
 # Up to this many tokens the kernel computes x W^T + b itself (measured: benchmarks/README.md).
 BASE_IN_KERNEL_MAX_TOKENS = 32
-# Above that, fp32 shrinks may run through BLAS (torch.mm) instead of the kernel: measured slower
-# at T = 64 and 256 (benchmarks/README.md), so off; kept as a switch for re-measuring.
-SHRINK_IN_BLAS = False
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_IDS_CODE = {torch.int32: 1, torch.int64: 2}
+_ID_DTYPES = (torch.int32, torch.int64)  # the kernel reads persona ids of these dtypes in place
 _linear = torch.nn.functional.linear
-_mm = torch.mm
 _empty = torch.empty
 _f32 = torch.float32
 _i32 = torch.int32
@@ -52,6 +47,11 @@ def _ext() -> Any:
     return _C
 
 
+@functools.cache
+def _codes() -> KernelCodes:
+    return kernel_codes(_ext())
+
+
 def active_isa() -> str:
     """The vectorised path the extension runs here: ``avx512``, ``avx2`` or ``generic``."""
     return str(_ext().active_isa())
@@ -64,46 +64,6 @@ def _f32c(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def route_from_h(
-    h: torch.Tensor,
-    *,
-    top_k: int,
-    temperature: float,
-    normalize: str,
-    calibration: torch.Tensor | None,
-    persona_bias: torch.Tensor | None,
-    persona_ids: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(topk_idx int32, topk_gates fp32, scores fp32)`` from ``h [T, E, r]`` by the C++ kernel."""
-    _C = _ext()
-    T, E, r = h.shape
-    h = h.float().contiguous()
-    cal = calibration.float().contiguous() if calibration is not None else None
-    pb = persona_bias.float().contiguous() if persona_bias is not None else None
-    ids = persona_ids.reshape(-1).long().contiguous() if persona_ids is not None else None
-    idx = torch.empty(T, top_k, dtype=torch.int32)
-    gates = torch.empty(T, top_k, dtype=torch.float32)
-    n = torch.empty(T, E, dtype=torch.float32)
-    _C.route_tokens(
-        h.data_ptr(),
-        T,
-        E,
-        r,
-        cal.data_ptr() if cal is not None else 0,
-        pb.data_ptr() if pb is not None else 0,
-        ids.data_ptr() if (ids is not None and pb is not None) else 0,
-        pb.shape[0] if pb is not None else 0,
-        top_k,
-        float(temperature),
-        _NORMALIZE_CODE[normalize],
-        idx.data_ptr(),
-        gates.data_ptr(),
-        n.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return idx, gates, n
-
-
 def fused_forward(a: LayerArgs) -> LayerOutputs:
     """The whole layer through the fused kernel (fp32, bf16 or fp16 CPU tensors; 2-D ``x``).
 
@@ -112,7 +72,6 @@ def fused_forward(a: LayerArgs) -> LayerOutputs:
     treats ids outside ``[0, P)`` as "no persona".
     """
     x = a.x
-    dcode = _DTYPE_CODE[x.dtype]
     if x.stride(-1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
         x = x.contiguous()
     T, d_in = x.shape
@@ -132,11 +91,6 @@ def fused_forward(a: LayerArgs) -> LayerOutputs:
         y = _empty((T, w.shape[0]), dtype=x.dtype)
     else:
         y = _linear(x, w, b)
-    # Many fp32 tokens: the shrink h = x A^T through BLAS too (a real GEMM there, ~1.5-2x the
-    # kernel's own tiles at T = 256); half types keep the kernel's (BLAS would round h to bf16/fp16).
-    h = None
-    if SHRINK_IN_BLAS and T > BASE_IN_KERNEL_MAX_TOKENS and dcode == 0:
-        h = _mm(x, lora_a.view(E * r, d_in).t())
     idx = _empty((T, k), dtype=_i32)
     gates = _empty((T, k), dtype=_f32)
     n = _empty((T, E), dtype=_f32)
@@ -147,27 +101,31 @@ def fused_forward(a: LayerArgs) -> LayerOutputs:
     fixed = a.persona_weights is not None
     table = a.persona_weights if fixed else a.persona_bias
     tab = _f32c(table) if table is not None else None
-    ids = a.persona_ids
-    ids_code = 0
-    if tab is not None and ids is not None:
-        if ids.dtype not in _IDS_CODE:
+    ids = a.persona_ids if tab is not None else None
+    if ids is not None:
+        if ids.dtype not in _ID_DTYPES:
             ids = ids.long()
         if not ids.is_contiguous():
             ids = ids.contiguous()
-        ids_code = _IDS_CODE[ids.dtype]
-    _ext().layer_forward(
-        T, d_in, d_out, E, r, k, dcode,
-        x.data_ptr(), x.stride(0), lora_a.data_ptr(), lora_b.data_ptr(), scaling.data_ptr(),
-        cal.data_ptr() if cal is not None else 0,
-        tab.data_ptr() if tab is not None else 0,
-        tab.shape[0] if tab is not None else 0,
-        ids.data_ptr() if ids is not None and ids_code else 0, ids_code,
-        1 if fixed else 0, float(a.temperature), _NORMALIZE_CODE[a.normalize],
-        y.data_ptr(), y.stride(0), idx.data_ptr(), gates.data_ptr(), n.data_ptr(),
-        torch.get_num_threads(),
-        w.data_ptr() if in_kernel else 0,
-        b.data_ptr() if in_kernel and b is not None else 0,
-        h.data_ptr() if h is not None else 0,
+    C = _ext()
+    codes = _codes()
+    # One call with the fields of LayerArgs (csrc/layer.h) as keywords: read straight from the
+    # call (csrc/common/bind_struct.h), as cheap as positional arguments.
+    C.layer_forward(
+        T=T, d_in=d_in, d_out=d_out, E=E, r=r, k=k, dtype=codes.dtype[x.dtype],
+        x=x.data_ptr(), x_stride=x.stride(0), lora_a=lora_a.data_ptr(),
+        lora_b=lora_b.data_ptr(), scaling=scaling.data_ptr(),
+        calibration=cal.data_ptr() if cal is not None else 0,
+        table=tab.data_ptr() if tab is not None else 0,
+        P=tab.shape[0] if tab is not None else 0,
+        persona_ids=ids.data_ptr() if ids is not None else 0,
+        ids_dtype=codes.dtype[ids.dtype if ids is not None else torch.int64],
+        mode=codes.fixed if fixed else codes.token, temperature=float(a.temperature),
+        normalize=codes.normalize[a.normalize],
+        weight=w.data_ptr() if in_kernel else 0,
+        bias=b.data_ptr() if in_kernel and b is not None else 0,
+        y=y.data_ptr(), y_stride=y.stride(0), topk_idx=idx.data_ptr(),
+        topk_gates=gates.data_ptr(), scores=n.data_ptr(), num_threads=torch.get_num_threads(),
     )  # fmt: skip
     return y, idx, gates, n
 
