@@ -1,19 +1,22 @@
 """The CUDA decode kernel's source, run on the CPU by an emulator (csrc/cuda/emu/).
 
-``csrc/cuda/decode.cu`` is compiled as host C++ with a shim for the CUDA built-ins: each block runs
-with 256 std::threads meeting at real barriers, blocks one after another in ticket order. The host
-launcher ``personamoe.backends.cuda_launch`` runs as it is, on CPU tensors, with a stand-in for
-``personamoe._C_cuda`` whose ``decode`` calls the emulator. This checks the kernel's indexing,
-reductions, routing, gates, mix and the counters' reset, and the launcher's argument passing; it
-cannot check speed, GPU memory ordering or races between concurrent blocks (the GPU check does).
+The real bindings (``csrc/cuda/bindings.cpp``) and ``csrc/cuda/decode.cu`` are compiled as host
+C++ against the emulator's CUDA shims into a stand-in ``personamoe._C_cuda``: each block runs with
+256 CUDA threads that are fibers (ucontext) of one OS thread, switched at barriers, blocks one
+after another in ticket order. The host launcher ``personamoe.backends.cuda_launch`` runs as it is,
+on CPU tensors. This checks the kernel's indexing, reductions, routing, gates, mix and the
+counters' reset, and the launcher's and the bindings' argument passing; it cannot check speed, GPU
+memory ordering or races between concurrent blocks (the GPU check does).
 """
 
 from __future__ import annotations
 
-import ctypes
+import importlib.util
+import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import types
 from pathlib import Path
 
@@ -25,33 +28,19 @@ from personamoe.backends import cuda_launch
 from personamoe.backends.base import LayerArgs
 
 ROOT = Path(__file__).resolve().parents[1]
-EMU = ROOT / "csrc" / "cuda" / "emu"
+CUDA_SRC = ROOT / "csrc" / "cuda"
+EMU = CUDA_SRC / "emu"
 
 
-class DecodeParams(ctypes.Structure):
-    _fields_ = [  # the layout of personamoe_cuda::DecodeParams (csrc/cuda/decode.h)
-        ("x", ctypes.c_void_p), ("x_stride", ctypes.c_int64), ("a", ctypes.c_void_p),
-        ("b", ctypes.c_void_p), ("scaling", ctypes.c_void_p), ("calibration", ctypes.c_void_p),
-        ("table", ctypes.c_void_p), ("ids", ctypes.c_void_p), ("scaling_dtype", ctypes.c_int),
-        ("calibration_dtype", ctypes.c_int), ("table_dtype", ctypes.c_int),
-        ("ids_dtype", ctypes.c_int), ("P", ctypes.c_int64), ("weight", ctypes.c_void_p),
-        ("w_stride", ctypes.c_int64), ("bias", ctypes.c_void_p), ("y", ctypes.c_void_p),
-        ("topk_idx", ctypes.c_void_p), ("topk_gates", ctypes.c_void_p),
-        ("scores", ctypes.c_void_p), ("h_ws", ctypes.c_void_p), ("coef_ws", ctypes.c_void_p),
-        ("used_ws", ctypes.c_void_p), ("counters", ctypes.c_void_p), ("T", ctypes.c_int),
-        ("d_in", ctypes.c_int), ("d_out", ctypes.c_int), ("E", ctypes.c_int), ("r", ctypes.c_int),
-        ("k", ctypes.c_int), ("temperature", ctypes.c_float), ("normalize", ctypes.c_int),
-        ("fixed", ctypes.c_int),
-    ]  # fmt: skip
+def _pybind11_include() -> str | None:
+    """pybind11's headers: the pybind11 package's, else the copy that ships inside torch."""
+    try:
+        import pybind11
 
-
-# bindings.cpp's argument order: the struct fields, with T..k after the pointers, then dtype etc.
-_BIND_ORDER = ["x", "x_stride", "a", "b", "scaling", "scaling_dtype", "calibration",
-               "calibration_dtype", "table", "table_dtype", "ids", "ids_dtype", "P", "weight",
-               "w_stride", "bias", "y",
-               "topk_idx", "topk_gates", "scores", "h_ws", "coef_ws", "used_ws", "counters", "T",
-               "d_in", "d_out", "E", "r", "k", "temperature", "normalize", "fixed", "dtype", "vec",
-               "stream"]  # fmt: skip
+        return str(pybind11.get_include())
+    except ImportError:
+        inc = Path(torch.__file__).parent / "include"
+        return str(inc) if (inc / "pybind11" / "pybind11.h").exists() else None
 
 
 @pytest.fixture(scope="module")
@@ -59,25 +48,31 @@ def emulator(tmp_path_factory):
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ is needed to build the CPU emulation of the CUDA kernel")
-    so = tmp_path_factory.mktemp("emu") / "emu_decode.so"
-    cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", f"-I{EMU}",
-           str(EMU / "emulate.cpp"), "-o", str(so)]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    pybind_inc = _pybind11_include()
+    if pybind_inc is None:
+        pytest.skip("pybind11's headers are needed to build the emulated personamoe._C_cuda")
+    name = "_C_cuda_emulated"  # its own name: a real _C_cuda may be imported in this process
+    so = tmp_path_factory.mktemp("emu") / (name + sysconfig.get_config_var("EXT_SUFFIX"))
+    cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-fvisibility=hidden", f"-I{EMU}",
+           f"-DPERSONAMOE_CUDA_MODULE={name}",
+           f"-I{pybind_inc}", f"-I{sysconfig.get_paths()['include']}",
+           str(EMU / "emulate.cpp"), str(CUDA_SRC / "bindings.cpp"), "-o", str(so)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
     if res.returncode != 0:
         pytest.skip(f"the emulator does not build with this g++: {res.stderr[-500:]}")
-    lib = ctypes.CDLL(str(so))
-    lib.personamoe_emulate_decode.restype = ctypes.c_int
-    lib.personamoe_emulate_decode.argtypes = [ctypes.POINTER(DecodeParams), ctypes.c_int,
-                                              ctypes.c_int]  # fmt: skip
+    spec = importlib.util.spec_from_file_location(name, so)
+    assert spec is not None and spec.loader is not None
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
     calls: list[dict] = []
 
-    def decode(*args):
-        kw = dict(zip(_BIND_ORDER, args, strict=True))
-        calls.append(kw)
-        p = DecodeParams(**{name: kw[name] for name, _ in DecodeParams._fields_})
-        assert lib.personamoe_emulate_decode(ctypes.byref(p), kw["dtype"], int(kw["vec"])) == 0
+    def decode(stream, **fields):
+        calls.append(fields)
+        ext.decode(stream, **fields)
 
+    # The emulated extension itself, with decode wrapped to record each call's fields.
     fake = types.ModuleType("personamoe._C_cuda")
+    fake.__dict__.update({k: v for k, v in vars(ext).items() if not k.startswith("__")})
     fake.decode = decode  # type: ignore[attr-defined]
     fake.calls = calls  # type: ignore[attr-defined]
     return fake

@@ -64,17 +64,17 @@ __device__ __forceinline__ void load_vec(const T* p, float (&out)[V]) {
   }
 }
 
-// Any float dtype code (kF32/kF16/kBF16/kF64) or id code (kI32/kI64) read as float / int64.
-__device__ __forceinline__ float load_any_f(const void* p, int code, int64_t i) {
+// An element of an F32/F16/BF16/F64 array read as float, of an I32/I64 array as int64.
+__device__ __forceinline__ float load_any_f(const void* p, DType code, int64_t i) {
   switch (code) {
-    case kF16: return __half2float(static_cast<const __half*>(p)[i]);
-    case kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    case kF64: return static_cast<float>(static_cast<const double*>(p)[i]);
+    case DType::F16: return __half2float(static_cast<const __half*>(p)[i]);
+    case DType::BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case DType::F64: return static_cast<float>(static_cast<const double*>(p)[i]);
     default: return static_cast<const float*>(p)[i];
   }
 }
-__device__ __forceinline__ int64_t load_id(const void* p, int code, int64_t i) {
-  return code == kI32 ? static_cast<int64_t>(static_cast<const int32_t*>(p)[i])
+__device__ __forceinline__ int64_t load_id(const void* p, DType code, int64_t i) {
+  return code == DType::I32 ? static_cast<int64_t>(static_cast<const int32_t*>(p)[i])
                       : static_cast<const int64_t*>(p)[i];
 }
 
@@ -178,7 +178,7 @@ __device__ void route_all(const DecodeParams& p, float* smem) {
       if (id >= 0 && id < p.P) tab = load_any_f(p.table, p.table_dtype, id * E + e);
     }
     float n;
-    if (p.fixed) {
+    if (p.mode == Mode::Fixed) {
       n = tab;
     } else {
       float ss = 0.f;
@@ -214,7 +214,7 @@ __device__ void route_all(const DecodeParams& p, float* smem) {
     }
     float* coef = p.coef_ws + static_cast<int64_t>(t) * E;
     for (int e = 0; e < E; ++e) coef[e] = 0.f;
-    if (p.fixed) {
+    if (p.mode == Mode::Fixed) {
       for (int j = 0; j < k; ++j) {
         p.topk_idx[t * k + j] = sel[j];
         p.topk_gates[t * k + j] = val[j];
@@ -227,7 +227,7 @@ __device__ void route_all(const DecodeParams& p, float* smem) {
     } else {
       const float ninf = -INFINITY;
       float m = ninf, den = 0.f;
-      if (p.normalize == 1) {  // full: softmax over every allowed expert, not renormalised
+      if (p.normalize == Normalize::Full) {  // full: softmax over every allowed expert, not renormalised
         for (int e = 0; e < E; ++e)
           if (n[e] != ninf) m = fmaxf(m, n[e] * inv_tau);
         if (m == ninf) m = 0.f;
@@ -361,43 +361,50 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeParams p, int sh
   }
 }
 
-#ifndef PERSONAMOE_CPU_EMULATION  // emu/emulate.cpp runs the kernel on the CPU instead
-template <typename T>
-cudaError_t launch_typed(const DecodeParams& p, bool vec, cudaStream_t stream) {
+#ifdef PERSONAMOE_CPU_EMULATION
+// Defined by emu/emulate.cpp (which includes this file): runs the grid's blocks one after another
+// on the calling thread, in ticket order.
+template <typename T, int V>
+void emulate_grid(const DecodeParams& p, int shrink_blocks, int mix_blocks);
+#endif
+
+template <typename T, int V>
+cudaError_t launch_grid(const DecodeParams& p, cudaStream_t stream) {
   const int shrink_blocks = (p.E * p.r + kRows - 1) / kRows;
   const int mix_blocks = (p.d_out + kNOut - 1) / kNOut;
+#ifdef PERSONAMOE_CPU_EMULATION
+  (void)stream;
+  emulate_grid<T, V>(p, shrink_blocks, mix_blocks);
+#else
   const dim3 grid(shrink_blocks + mix_blocks), block(kThreads);
-  constexpr int V = 16 / sizeof(T);
-  if (vec) {
-    decode_kernel<T, V><<<grid, block, 0, stream>>>(p, shrink_blocks);
-  } else {
-    decode_kernel<T, 1><<<grid, block, 0, stream>>>(p, shrink_blocks);
-  }
+  decode_kernel<T, V><<<grid, block, 0, stream>>>(p, shrink_blocks);
+#endif
   return cudaGetLastError();
 }
 
-#endif  // PERSONAMOE_CPU_EMULATION
+template <typename T>
+cudaError_t launch_typed(const DecodeParams& p, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  return p.vec ? launch_grid<T, V>(p, stream) : launch_grid<T, 1>(p, stream);
+}
 
 }  // namespace
 
-#ifndef PERSONAMOE_CPU_EMULATION
-std::string launch_decode(const DecodeParams& p, int dtype, bool vec, std::uintptr_t stream) {
+std::string launch_decode(const DecodeParams& p, std::uintptr_t stream) {
   if (p.T < 1 || p.T > kMaxTokens || p.E < 1 || p.E > kMaxExperts || p.r < 1 ||
       p.r > kMaxRank || p.k < 1 || p.k > p.E)
     return "decode kernel: shape outside T<=16, E<=64, r<=64, 1<=k<=E";
   auto s = reinterpret_cast<cudaStream_t>(stream);
   cudaError_t err;
-  switch (dtype) {
-    case kF32: err = launch_typed<float>(p, vec, s); break;
-    case kF16: err = launch_typed<__half>(p, vec, s); break;
-    case kBF16: err = launch_typed<__nv_bfloat16>(p, vec, s); break;
+  switch (p.dtype) {
+    case DType::F32: err = launch_typed<float>(p, s); break;
+    case DType::F16: err = launch_typed<__half>(p, s); break;
+    case DType::BF16: err = launch_typed<__nv_bfloat16>(p, s); break;
     default: return "decode kernel: dtype must be float32, float16 or bfloat16";
   }
   if (err != cudaSuccess) return std::string("decode kernel launch: ") + cudaGetErrorString(err);
   return "";
 }
-
-#endif  // PERSONAMOE_CPU_EMULATION
 
 int runtime_version() {
   int v = 0;

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from personamoe import reference
+from personamoe.backends.kernel_codes import kernel_codes
 from personamoe.layer_args import LayerArgs, LayerOutputs
 
 __all__ = ["covers", "persona_moe_linear"]
@@ -25,15 +26,6 @@ __all__ = ["covers", "persona_moe_linear"]
 MAX_TOKENS, MAX_EXPERTS, MAX_RANK = 16, 64, 64  # csrc/cuda/decode.h
 FUSE_BASE = True  # the base layer inside the decode kernel (else cuBLAS beside it)
 
-_DTYPE_CODE = {
-    torch.float32: 0,
-    torch.float16: 1,
-    torch.bfloat16: 2,
-    torch.float64: 3,
-    torch.int32: 4,
-    torch.int64: 5,
-}
-_NORMALIZE_CODE = {"topk": 0, "full": 1}
 _counters: dict[tuple[int, int], torch.Tensor] = {}
 
 
@@ -126,21 +118,27 @@ def persona_moe_linear(a: LayerArgs) -> LayerOutputs:
         and _aligned(lora_b)
         and (w is None or (w.stride(0) % vlen == 0 and _aligned(w)))
     )
+    codes = kernel_codes(_C_cuda)
+    dt = codes.dtype
+    # One call with the fields of DecodeParams (csrc/cuda/decode.h) as keywords, read straight
+    # from the call by the binding (csrc/common/bind_struct.h): no per-call Python object.
     _C_cuda.decode(
-        x.data_ptr(), x.stride(0), lora_a.data_ptr(), lora_b.data_ptr(),
-        scaling.data_ptr(), _DTYPE_CODE[scaling.dtype],
-        cal.data_ptr() if cal is not None else 0,
-        _DTYPE_CODE[cal.dtype] if cal is not None else 0,
-        table.data_ptr() if table is not None else 0,
-        _DTYPE_CODE[table.dtype] if table is not None else 0,
-        ids.data_ptr() if ids is not None else 0,
-        _DTYPE_CODE[ids.dtype] if ids is not None else 0,
-        table.shape[0] if table is not None else 0,
-        w.data_ptr() if w is not None else 0, w.stride(0) if w is not None else 0,
-        bias.data_ptr() if bias is not None else 0,
-        y.data_ptr(), idx.data_ptr(), gates.data_ptr(), n.data_ptr(),
-        h_ws.data_ptr(), coef_ws.data_ptr(), used_ws.data_ptr(), counters.data_ptr(),
-        T, d_in, d_out, E, r, k, float(a.temperature), _NORMALIZE_CODE[a.normalize],
-        fixed, _DTYPE_CODE[x.dtype], vec, stream,
+        stream,
+        x=x.data_ptr(), x_stride=x.stride(0), a=lora_a.data_ptr(), b=lora_b.data_ptr(),
+        scaling=scaling.data_ptr(), scaling_dtype=dt[scaling.dtype],
+        calibration=cal.data_ptr() if cal is not None else 0,
+        calibration_dtype=dt[cal.dtype if cal is not None else torch.float32],
+        table=table.data_ptr() if table is not None else 0,
+        table_dtype=dt[table.dtype if table is not None else torch.float32],
+        ids=ids.data_ptr() if ids is not None else 0,
+        ids_dtype=dt[ids.dtype if ids is not None else torch.int64],
+        P=table.shape[0] if table is not None else 0,
+        weight=w.data_ptr() if w is not None else 0, w_stride=w.stride(0) if w is not None else 0,
+        bias=bias.data_ptr() if bias is not None else 0,
+        y=y.data_ptr(), topk_idx=idx.data_ptr(), topk_gates=gates.data_ptr(), scores=n.data_ptr(),
+        h_ws=h_ws.data_ptr(), coef_ws=coef_ws.data_ptr(), used_ws=used_ws.data_ptr(),
+        counters=counters.data_ptr(), T=T, d_in=d_in, d_out=d_out, E=E, r=r, k=k,
+        temperature=float(a.temperature), normalize=codes.normalize[a.normalize],
+        mode=codes.fixed if fixed else codes.token, dtype=dt[x.dtype], vec=int(vec),
     )  # fmt: skip
     return y, idx, gates, n

@@ -1,4 +1,4 @@
-// CPU emulation shim (csrc/cuda/emu/README): just enough of the CUDA runtime and device built-ins
+// CPU emulation shim (see emulate.cpp): just enough of the CUDA runtime and device built-ins
 // for decode.cu to compile as host C++ and run one block at a time, one fiber per CUDA thread.
 #pragma once
 #include <ucontext.h>

@@ -1,8 +1,13 @@
-// Runs the real decode kernel of ../decode.cu on the CPU (tests/test_cuda_emulated.py): the kernel
-// source is included as is; blocks run one after another in ticket order, each with 256 threads
-// (fibers of one OS thread, see cuda_runtime.h) that meet at real barriers. It checks the index arithmetic, reductions, routing and the
-// ticket/flag/reset protocol; it says nothing about speed, memory ordering on a GPU, or races
-// between blocks that run at the same time.
+// Runs the real decode kernel of ../decode.cu on the CPU, for tests/test_cuda_emulated.py. The
+// test builds this file with ../bindings.cpp (the real bindings) and this folder's CUDA shims on
+// the include path into a stand-in personamoe._C_cuda, so the Python launcher, the bindings and
+// the kernel run as they are, on CPU tensors.
+//
+// The kernel source is included as is; launch_decode's grid runs here (emulate_grid): blocks one
+// after another in ticket order, each with 256 CUDA threads that are fibers (ucontext) of the one
+// calling OS thread, switched only at barriers and spin waits (cuda_runtime.h). It checks the
+// index arithmetic, reductions, routing and the ticket/flag/reset protocol; it says nothing about
+// speed, memory ordering on a GPU, or races between blocks that run at the same time.
 #define PERSONAMOE_CPU_EMULATION 1
 #include "../decode.cu"
 
@@ -10,24 +15,22 @@
 
 #include <vector>
 
+namespace personamoe_cuda {
 namespace {
 
 template <typename T, int V>
 struct Grid {
-  static inline const personamoe_cuda::DecodeParams* params = nullptr;
+  static inline const DecodeParams* params = nullptr;
   static inline int shrink_blocks = 0;
   static void fiber() {
-    personamoe_cuda::decode_kernel<T, V>(*params, shrink_blocks);
+    decode_kernel<T, V>(*params, shrink_blocks);
     emu::finished = true;  // then back to the scheduler through uc_link
   }
 };
 
 template <typename T, int V>
-void run_grid(const personamoe_cuda::DecodeParams& p) {
-  using namespace personamoe_cuda;
-  const int shrink_blocks = (p.E * p.r + kRows - 1) / kRows;
-  const int mix_blocks = (p.d_out + kNOut - 1) / kNOut;
-  emu::grid_dim.x = shrink_blocks + mix_blocks;
+void emulate_grid(const DecodeParams& p, int shrink_blocks, int mix_blocks) {
+  emu::grid_dim.x = static_cast<unsigned>(shrink_blocks + mix_blocks);
   Grid<T, V>::params = &p;
   Grid<T, V>::shrink_blocks = shrink_blocks;
   emu::block_barrier.count = kThreads;
@@ -63,14 +66,4 @@ void run_grid(const personamoe_cuda::DecodeParams& p) {
 }
 
 }  // namespace
-
-extern "C" int personamoe_emulate_decode(const personamoe_cuda::DecodeParams* p, int dtype,
-                                         int vec) {
-  using namespace personamoe_cuda;
-  switch (dtype) {
-    case kF32: vec ? run_grid<float, 4>(*p) : run_grid<float, 1>(*p); return 0;
-    case kF16: vec ? run_grid<__half, 8>(*p) : run_grid<__half, 1>(*p); return 0;
-    case kBF16: vec ? run_grid<__nv_bfloat16, 8>(*p) : run_grid<__nv_bfloat16, 1>(*p); return 0;
-    default: return 1;
-  }
-}
+}  // namespace personamoe_cuda
