@@ -13,8 +13,6 @@ import torch
 
 from personamoe.backends.base import Backend, LayerArgs, LayerOutputs
 
-DECODE_MAX_TOKENS = 16
-
 
 @functools.cache
 def _cuda_status() -> tuple[bool, str]:
