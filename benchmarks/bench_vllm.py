@@ -4,13 +4,14 @@ Run in the vLLM venv (``.venv-vllm``, see ``.ci/run``)::
 
     python benchmarks/bench_vllm.py [--layers 4] [--new-tokens 64] [--repeats 3] [--out DIR]
 
-One invocation builds a random Llama of the standard model case M's shape (DESIGN.md §3: hidden
-1024, intermediate 2816, 16 heads, 4 KV heads, vocab 32000; ``--layers`` of them, 8 in case M),
+One invocation builds a random Llama of the standard model case M's shape (docs/design.md §5:
+hidden 1024, intermediate 2816, 16 heads, 4 KV heads, vocab 32000; ``--layers`` of them, 8 in case M),
 eight random persona adapters (r=16, all seven projections) exported with top_k=2, and one random
 LoRA of the same rank. Each provider then runs in its own vLLM engine (a subprocess; vLLM's CPU
 build, fp32, eager): a warm-up, then ``--repeats`` timed batches of 8 requests (prompt 64 tokens,
 ``--new-tokens`` greedy tokens each, EOS ignored); ``--rounds`` alternate the providers' engines.
-Reported: median tokens/s over all timed batches and the ratios to the no-adapter engine.
+Reported: the machine (the description every benchmark prints, ``personamoe.bench.runner``),
+median tokens/s over all timed batches and the ratios to the no-adapter engine.
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ def main() -> int:
         print("RESULT " + json.dumps(res), flush=True)
         return 0
 
+    from personamoe.bench.runner import describe_machine
+
+    print(f"machine: {describe_machine()}", flush=True)
     tmp = tempfile.TemporaryDirectory() if args.out is None else None
     root = Path(args.out or tmp.name)  # type: ignore[union-attr]
     root.mkdir(parents=True, exist_ok=True)

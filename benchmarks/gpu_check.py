@@ -4,12 +4,15 @@ Run by ``benchmarks/gpu_check.sh`` after it has built the package (``pip install
 CUDA extension). Sections, each written to ``$OUT/gpu_check.json`` as soon as it ends (a timeout
 still leaves what was done):
 
-1. ``device``: card, versions, the measured copy bandwidth (device-to-device copy, bytes read plus
+1. ``device``: the machine description every benchmark records (``personamoe.bench.runner``) plus
+   the card, the measured copy bandwidth (device-to-device copy, bytes read plus
    written) and bf16 GEMM rate (8192^3) used for every roofline below.
 2. ``correctness``: Triton (every mix regime x base mode) and CUDA backends against the reference
    computed in fp64, for bf16/fp16/fp32 at decode, prefill, odd and large-bank shapes, with a
    persona bias (-inf rows, out-of-range ids), calibration, both gate normalisations and fixed mode.
-   Metric ``||y - ref|| / ||ref||`` over tokens whose top-k matches; the share of such tokens.
+   Checked by ``personamoe.testing.compare_to_reference``: the share of tokens whose top-k equals
+   the reference's, and ``y``, gates and scores elementwise within the dtype's tolerance
+   (``personamoe.testing.TOLERANCES``); ``||y - ref|| / ||ref||`` is reported alongside.
 3. ``graphs``: CUDA-graph capture + replay with new inputs equals eager (T = 1, 16, 256), and
    ``torch.compile(fullgraph=True)`` equals eager.
 4. ``bench``: L1/L16/L256 (d=2048, E=8, r=16, k=2) and the G-sweep (d=4096, T in 1/16/256/4096,
@@ -49,8 +52,10 @@ if SMOKE:
 import torch  # noqa: E402
 
 import personamoe  # noqa: E402
-from personamoe import ops, reference  # noqa: E402
+from personamoe import ops  # noqa: E402
+from personamoe.bench import runner  # noqa: E402
 from personamoe.layer_args import LayerArgs  # noqa: E402
+from personamoe.testing import compare_to_reference, make_layer_args  # noqa: E402
 
 T0 = time.monotonic()
 DEV = "cpu" if SMOKE else "cuda"
@@ -88,14 +93,8 @@ def bench_ms(fn: Callable[[], Any]) -> float:
 
 # ---- 1. device ------------------------------------------------------------------------------
 def device_section() -> dict[str, Any]:
-    import triton
-
-    info: dict[str, Any] = {
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": sys.version.split()[0],
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-    }
+    info = runner.machine_info()
+    info["date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     if SMOKE:
         info.update(name="cpu (smoke)", copy_bw_Bps=20e9, gemm_flops=1e11)
         return info
@@ -123,27 +122,19 @@ def device_section() -> dict[str, Any]:
 
 
 # ---- helpers: layer arguments ---------------------------------------------------------------
-def make_layer(T, d_in, d_out, E, r, dtype, seed=0, drop_x=False):
-    """Random layer arguments drawn on the device (fast for d=4096 weight sets)."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-
-    def rnd(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g, device=DEV) * std).to(dtype)
-
-    out = dict(
-        x=rnd(T, d_in),
-        weight=rnd(d_out, d_in, std=d_in**-0.5),
-        bias=rnd(d_out, std=0.1),
-        lora_a=rnd(E, r, d_in, std=d_in**-0.5),
-        lora_b=rnd(E, d_out, r, std=r**-0.5),
-        scaling=torch.rand(E, generator=g, device=DEV) + 0.5,
-    )
-    if drop_x:
-        del out["x"]
-    return out
+def make_layer(T, d_in, d_out, E, r, dtype, seed=0, **options) -> LayerArgs:
+    """Random layer arguments drawn on the device (``personamoe.testing.make_layer_args``)."""
+    return make_layer_args(T, d_in, d_out, E, r, dtype, DEV, seed, **options)
 
 
-def run_backend(layer, top_k, backend, *, regime="auto", base="auto", **kw):
+def weight_set(args: LayerArgs) -> Any:
+    """The weights of ``args`` as a benchmark weight set (``personamoe.bench.layer.WeightSet``)."""
+    from personamoe.bench import layer as bl
+
+    return bl.WeightSet(args.weight, args.bias, args.lora_a, args.lora_b, args.scaling)
+
+
+def run_backend(args: LayerArgs, backend, *, regime="auto", base="auto"):
     from personamoe.kernels import launchers
 
     # base="cublas" labels the CUDA backend with cuda_launch.FUSE_BASE off (set by the caller).
@@ -151,41 +142,9 @@ def run_backend(layer, top_k, backend, *, regime="auto", base="auto", **kw):
     launchers.BASE_MODE = base if base in ("auto", "torch", "fused") else "auto"
     try:
         with personamoe.use_backend(backend):
-            return ops.persona_moe_linear_scores(LayerArgs(
-                layer["x"], layer["weight"], layer["bias"], layer["lora_a"], layer["lora_b"],
-                layer["scaling"], top_k, kw.get("temperature", 1.0), kw.get("normalize", "topk"),
-                kw.get("calibration"), kw.get("persona_bias"), kw.get("persona_ids"),
-                kw.get("persona_weights")),
-            )  # fmt: skip
+            return ops.persona_moe_linear_scores(args)
     finally:
         launchers.MIX_REGIME, launchers.BASE_MODE = "auto", "auto"
-
-
-def ref64(layer, top_k, **kw):
-    f = {k: v.double() for k, v in layer.items()}
-    kw = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-          for k, v in kw.items()}  # fmt: skip
-    return reference.persona_moe_linear_full(
-        f["x"], f["weight"], f["bias"], f["lora_a"], f["lora_b"], f["scaling"], top_k=top_k, **kw
-    )
-
-
-TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-
-
-def compare(got, ref, dtype) -> dict[str, Any]:
-    y, idx, _, _ = got
-    ry, ridx, _, _ = ref
-    same = (idx.long() == ridx.long()).all(dim=1)
-    rows = same.nonzero().flatten()
-    err = float("nan")
-    if rows.numel():
-        d = (y[rows].double() - ry[rows]).norm()
-        err = float(d / ry[rows].norm().clamp_min(1e-30))
-    nan = bool(torch.isnan(y).any())
-    ok = (not nan) and rows.numel() >= 0.95 * y.shape[0] and err <= TOL[dtype]
-    return {"rel_err": err, "topk_match": float(same.float().mean()) if y.shape[0] else 1.0,
-            "nan": nan, "ok": ok}  # fmt: skip
 
 
 # ---- 2. correctness -------------------------------------------------------------------------
@@ -202,35 +161,29 @@ def correctness_section() -> list[dict[str, Any]]:
     )  # fmt: skip
     backends = ["triton"] if SMOKE else ["triton", "cuda"]
 
-    def one(name, layer, k, dtype, backend, **kw):
+    def one(name, args, backend, regime="auto", base="auto"):
         try:
-            r = compare(
-                run_backend(layer, k, backend, **kw),
-                ref64(
-                    layer, k, **{key: v for key, v in kw.items() if key not in ("regime", "base")}
-                ),
-                dtype,
-            )
+            r = compare_to_reference(run_backend(args, backend, regime=regime, base=base), args)
         except Exception as e:  # record and go on: one failure must not hide the others
             r = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-        r.update(case=name, dtype=str(dtype).replace("torch.", ""), backend=backend,
-                 regime=kw.get("regime", "auto"), base=kw.get("base", "auto"))  # fmt: skip
+        r.update(case=name, dtype=str(args.x.dtype).replace("torch.", ""), backend=backend,
+                 regime=regime, base=base)  # fmt: skip
         rows.append(r)
         if not r["ok"]:
             log(f"FAIL {r}")
 
     for dtype in dtypes:
         for T, d_in, d_out, E, r, k in shapes:
-            layer = make_layer(T, d_in, d_out, E, r, dtype)
+            layer = make_layer(T, d_in, d_out, E, r, dtype, top_k=k)
             name = f"T{T}_d{d_in}x{d_out}_E{E}_r{r}_k{k}"
             for be in backends:
-                one(name, layer, k, dtype, be)
+                one(name, layer, be)
             if not SMOKE and T <= 16:
                 from personamoe.backends import cuda_launch
 
                 cuda_launch.FUSE_BASE = False
                 try:
-                    one(name, layer, k, dtype, "cuda", base="cublas")
+                    one(name, layer, "cuda", base="cublas")
                 finally:
                     cuda_launch.FUSE_BASE = True
     fdt = [torch.float32] if SMOKE else [torch.bfloat16]
@@ -238,11 +191,11 @@ def correctness_section() -> list[dict[str, Any]]:
         for T, d_in, d_out, E, r, k in ([(7, 40, 24, 8, 16, 2)] if SMOKE else
                                         [(33, 200, 150, 8, 16, 2), (300, 512, 384, 64, 64, 2),
                                          (1024, 1024, 1024, 64, 64, 2)]):  # fmt: skip
-            layer = make_layer(T, d_in, d_out, E, r, dtype)
+            layer = make_layer(T, d_in, d_out, E, r, dtype, top_k=k)
             name = f"T{T}_d{d_in}x{d_out}_E{E}_r{r}_k{k}"
             for regime in ("dense", "grouped"):
                 for base in ("torch", "fused"):
-                    one(name, layer, k, dtype, "triton", regime=regime, base=base)
+                    one(name, layer, "triton", regime=regime, base=base)
     # persona bias (-inf rows, one allowed expert, ids out of range), calibration, temperature,
     # both normalisations; fixed mode.
     E = 8
@@ -258,9 +211,9 @@ def correctness_section() -> list[dict[str, Any]]:
         layer = make_layer(7, 256, 192, E, 16, dtype)
         for be in backends:
             for norm in ("topk", "full"):
-                one("bias_ids_cal", layer, 3, dtype, be, persona_bias=pb, persona_ids=ids,
-                    calibration=cal, temperature=0.7, normalize=norm)  # fmt: skip
-            one("fixed", layer, 2, dtype, be, persona_weights=w, persona_ids=ids)
+                one("bias_ids_cal", layer._replace(top_k=3, persona_bias=pb, persona_ids=ids,
+                    calibration=cal, temperature=0.7, normalize=norm), be)  # fmt: skip
+            one("fixed", layer._replace(persona_weights=w, persona_ids=ids), be)
     return rows
 
 
@@ -274,7 +227,7 @@ def graphs_section() -> list[dict[str, Any]]:
                 layer = make_layer(T, 2048, 2048, 8, 16, torch.bfloat16, seed=T)
 
                 def call(layer=layer, be=be):
-                    return run_backend(layer, 2, be)
+                    return run_backend(layer, be)
 
                 s = torch.cuda.Stream()
                 s.wait_stream(torch.cuda.current_stream())
@@ -284,13 +237,10 @@ def graphs_section() -> list[dict[str, Any]]:
                 torch.cuda.current_stream().wait_stream(s)
                 g = torch.cuda.CUDAGraph()
                 with personamoe.use_backend(be), torch.cuda.graph(g):
-                    out = ops.persona_moe_linear_scores(LayerArgs(
-                        layer["x"], layer["weight"], layer["bias"], layer["lora_a"],
-                        layer["lora_b"], layer["scaling"], 2, 1.0, "topk", None, None, None, None,
-                    ))  # fmt: skip
+                    out = ops.persona_moe_linear_scores(layer)
                 ok = True
                 for _ in range(3):
-                    layer["x"].copy_(torch.randn_like(layer["x"]))
+                    layer.x.copy_(torch.randn_like(layer.x))
                     g.replay()
                     torch.cuda.synchronize()
                     eager = call()
@@ -307,14 +257,13 @@ def graphs_section() -> list[dict[str, Any]]:
 
         def f(x):
             return personamoe.persona_moe_linear(
-                x, layer["weight"], layer["bias"], layer["lora_a"], layer["lora_b"],
-                layer["scaling"], top_k=2,
-            )  # fmt: skip
+                x, layer.weight, layer.bias, layer.lora_a, layer.lora_b, layer.scaling, top_k=2
+            )
 
         cf = torch.compile(f, fullgraph=True)
         ok = True
         for _ in range(2):
-            x = torch.randn_like(layer["x"])
+            x = torch.randn_like(layer.x)
             ok &= bool(torch.allclose(cf(x).float(), f(x).float(), atol=1e-2, rtol=1e-2))
         rows.append({"case": "torch_compile_fullgraph", "ok": ok})
     except Exception as e:
@@ -359,8 +308,8 @@ def bench_section(info: dict[str, Any], out: Path, budget: float) -> list[dict[s
                             dtype=dtype)  # fmt: skip
         n_sets = 2 if SMOKE else bl.sets_for_bytes(case, 200 << 20, minimum=2)
         n_sets = min(n_sets, 8)
-        sets = [bl.WeightSet(**make_layer(0, d_in, d_out, E, r, dtype, seed=100 + i,
-                                          drop_x=True)) for i in range(n_sets)]  # fmt: skip
+        sets = [weight_set(make_layer(0, d_in, d_out, E, r, dtype, seed=100 + i))
+                for i in range(n_sets)]  # fmt: skip
         xs = [torch.randn(T, d_in, device=DEV).to(dtype) for _ in range(n_sets)]
         el = torch.empty((), dtype=dtype).element_size()
         t_roof, t_roof_base = roofline(T, d_in, d_out, E, r, k, el, bw, rate)
@@ -445,9 +394,9 @@ def train_section(info: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, T, d, E, r in cases:
         lay = make_layer(T, d, d, E, r, dtype, seed=7)
-        w = bl.WeightSet(lay["weight"], lay["bias"], lay["lora_a"].requires_grad_(True),
-                         lay["lora_b"].requires_grad_(True), lay["scaling"])  # fmt: skip
-        x = lay["x"].requires_grad_(True)
+        w = bl.WeightSet(lay.weight, lay.bias, lay.lora_a.requires_grad_(True),
+                         lay.lora_b.requires_grad_(True), lay.scaling)  # fmt: skip
+        x = lay.x.requires_grad_(True)
         gy = torch.randn(T, d, device=DEV, dtype=dtype)
         row: dict[str, Any] = {"case": name, "ms": {}}
         for pname, p in (("base", bl.provider_base), ("masked", bl.provider_masked),

@@ -1,12 +1,12 @@
-"""pytest-benchmark suite of the layer cases L1/L16/L256 (DESIGN.md §3), one benchmark per
+"""pytest-benchmark suite of the layer cases L1/L16/L256 (docs/design.md §5), one benchmark per
 (case, provider), weights rotated over several sets between calls.
 
     python -m pytest benchmarks/test_bench_layer.py --benchmark-enable --benchmark-group-by=param:case
 
 pyproject's ``addopts`` carries ``--benchmark-disable``, so in CI each runs once as a smoke test
 (with two weight sets to keep it quick). For the ratio table that counts (interleaved medians) use
-``benchmarks/bench_layer.py``; the cases and providers are the same objects
-(``personamoe.bench.layer``).
+``python -m personamoe bench``; the cases and providers are the same objects
+(``personamoe.bench.layer``), and ``benchmarks/conftest.py`` adds the same machine description.
 """
 
 from __future__ import annotations
