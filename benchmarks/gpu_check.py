@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -75,15 +74,11 @@ def time_left(budget: float) -> float:
 
 
 def bench_ms(fn: Callable[[], Any]) -> float:
-    """Median milliseconds of ``fn`` (do_bench on a GPU; perf_counter in smoke mode)."""
+    """Median milliseconds of ``fn``: ``triton.testing.do_bench`` on a GPU (it flushes L2 between
+    calls), the benchmarks' own timing loop in smoke mode (grad mode kept for the train section)."""
     if SMOKE:
-        fn()
-        ts = []
-        for _ in range(3):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts) * 1e3
+        timed = runner.time_interleaved("smoke", {"fn": fn}, repeats=3, inference=False)
+        return timed["fn"].median * 1e3
     import triton.testing
 
     fn()

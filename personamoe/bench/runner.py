@@ -6,6 +6,7 @@ alike; results are medians and ratios against ``base`` measured in the same run,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -75,17 +76,20 @@ def time_interleaved(
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
     clock: str = "wall",
+    inference: bool = True,
 ) -> dict[str, Result]:
     """Time every provider ``repeats`` times, interleaved; ``warmup`` untimed rounds first.
 
     Sample ``i`` of every provider comes from round ``i``, so per-round ratios pair them
-    (:func:`paired_ratio`). ``clock`` is a key of :data:`CLOCKS`.
+    (:func:`paired_ratio`). ``clock`` is a key of :data:`CLOCKS`. The calls run under
+    ``torch.inference_mode``; ``inference=False`` leaves the caller's grad mode as it is (to time
+    a backward pass).
     """
     if clock not in CLOCKS:
         raise ValueError(f"clock: expected one of {sorted(CLOCKS)}, got {clock!r}")
     now = CLOCKS[clock]
     results = {name: Result(case, name) for name in fns}
-    with torch.inference_mode():
+    with torch.inference_mode() if inference else contextlib.nullcontext():
         for _ in range(warmup):
             for fn in fns.values():
                 fn()
