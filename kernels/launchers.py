@@ -71,7 +71,7 @@ def choose_paths(T: int, E: int, r: int, k: int, fixed: bool) -> tuple[str, str]
 
 
 def persona_moe_linear(a: LayerArgs) -> LayerOutputs:
-    """The layer of DESIGN.md §1 on 2-D ``x``: ``(y, topk_idx, topk_gates, scores)``."""
+    """The layer of docs/design.md §1 on 2-D ``x``: ``(y, topk_idx, topk_gates, scores)``."""
     x = a.x
     T = x.shape[0]
     E, r, _ = a.lora_a.shape

@@ -1,4 +1,4 @@
-"""Host-side checks of the layer's arguments, run before any kernel (DESIGN.md §1, "Validation").
+"""Host-side checks of the layer's arguments, run before any kernel (docs/design.md §2.3).
 
 Shape, dtype and device checks always run. Checks that must read the data (persona ids in range,
 finite scaling) run only in eager mode: under ``torch.compile`` or CUDA-graph capture they would

@@ -1,7 +1,7 @@
-"""The custom-op boundary ``personamoe::persona_moe_linear`` (DESIGN.md §2).
+"""The custom-op boundary ``personamoe::persona_moe_linear`` (docs/design.md §2).
 
 Registered with ``torch.library.Library`` (``define`` + ``impl``), not ``@custom_op``: the latter's
-Python dispatch costs ~13 µs a call against ~3.5 µs (ANCHORS.md), a third of the budget at decode.
+Python dispatch costs ~13 µs a call against ~3.5 µs (docs/design.md §2.6), a third of the budget at decode.
 The op has a fake (meta) implementation, so it traces under ``torch.compile(fullgraph=True)``, and
 an autograd formula. Inside, a backend is chosen at run time (``personamoe.set_backend``).
 
@@ -96,7 +96,7 @@ def _backward(
 ) -> tuple[Tensor | None, ...]:
     """Replays the forward in the reference with the forward's top-k fixed, then differentiates.
 
-    The choice of experts has no gradient (DESIGN.md §1); the gates' gradient flows through the
+    The choice of experts has no gradient (docs/design.md §2.5); the gates' gradient flows through the
     norms into ``h``. Replaying keeps one source of truth for the math until faster backward
     kernels land.
     """
@@ -208,7 +208,7 @@ def persona_moe_linear(
     persona_weights: Tensor | None = None,
     return_routing: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-    """The persona-MoE linear layer (DESIGN.md §1) on the chosen backend; same signature as
+    """The persona-MoE linear layer (docs/design.md §1) on the chosen backend; same signature as
     :func:`personamoe.reference.persona_moe_linear`.
 
     ``x [..., d_in]``; ``persona_ids`` has the leading dims of ``x`` (``-1`` = no persona).

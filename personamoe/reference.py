@@ -1,4 +1,4 @@
-"""The contract of ``shared/DESIGN.md`` §1 in plain torch: the ground truth of every backend.
+"""The contract of ``docs/design.md`` §1 in plain torch: the ground truth of every backend.
 
 Every function here works on any device and dtype and is differentiable. Arithmetic runs in fp32
 (fp64 when the inputs are fp64) and the output is cast back to the dtype of ``x`` once, at the end.
@@ -227,7 +227,7 @@ def persona_moe_linear(
     persona_weights: Tensor | None = None,
     return_routing: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-    """The persona-MoE linear layer of DESIGN.md §1 for ``x`` of any leading dims.
+    """The persona-MoE linear layer of docs/design.md §1 for ``x`` of any leading dims.
 
     Returns ``y`` (dtype of ``x``), or ``(y, topk_idx [..., k] int32, topk_gates [..., k] fp32)``
     with ``return_routing=True``. ``persona_weights`` switches to the fixed mode.

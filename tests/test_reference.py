@@ -1,4 +1,4 @@
-"""The reference against small cases computed by hand, and the special cases DESIGN.md §1 names."""
+"""The reference against small cases computed by hand, and the special cases of docs/design.md §1."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Triton kernels against the reference (DESIGN.md §1) at small odd shapes.
+"""The Triton kernels against the reference (docs/design.md §1) at small odd shapes.
 
 On a machine without a GPU they run under ``TRITON_INTERPRET=1`` (set by conftest.py) on CPU
 tensors; with a GPU, on the GPU. The interpreter computes bf16 wrongly, so bf16 runs only on a GPU.

@@ -1,6 +1,6 @@
 """Tensor parallelism for persona layers: which tensors are sharded and where ranks communicate.
 
-A persona layer computes (DESIGN.md §1) ``y = x W^T + b + sum_j g_j s_j B_j h_j`` with
+A persona layer computes (docs/design.md §1) ``y = x W^T + b + sum_j g_j s_j B_j h_j`` with
 ``h = A x`` for all experts and the top-k and gates taken from ``n_e = ||h_e||``. The routing is a
 *nonlinear* function of the whole ``h``, so every rank must see the same full ``h [T, E*r]`` and
 rank the experts identically; everything else follows the base layer's own sharding.
