@@ -5,6 +5,11 @@
 
 namespace personamoe {
 
+// a outranks b: a larger score, any number above NaN (strict, so ties keep the lower index).
+static inline bool ranks_above(float a, float b) {
+  return !std::isnan(a) && (std::isnan(b) || a > b);
+}
+
 void topk_lower_index(const float* values, int64_t E, int64_t k, int32_t* idx) {
   // E is small (a bank of adapters): k scans beat a heap. Strict '>' while scanning upward keeps
   // the lower index on ties; a chosen mask makes every slot distinct even for NaN/-inf rows.
@@ -17,8 +22,9 @@ void topk_lower_index(const float* values, int64_t E, int64_t k, int32_t* idx) {
     int64_t best = -1;
     for (int64_t e = 0; e < E; ++e) {
       if (chosen[e]) continue;
-      // NaN never compares greater, so a NaN score is taken only when nothing else is left.
-      if (best < 0 || values[e] > values[best]) best = e;
+      // NaN ranks last (docs/design.md §1.3): a NaN score is taken only when nothing else is
+      // left. A plain `>` would keep a NaN that happens to be scanned first.
+      if (best < 0 || ranks_above(values[e], values[best])) best = e;
     }
     chosen[best] = true;
     idx[j] = static_cast<int32_t>(best);

@@ -80,10 +80,10 @@ def _check_float_vector(
         # On CPU reading E values costs ~2 us through numpy: checked every call, so no write
         # (``.data``, numpy views) can slip past a cache. On GPUs a read is a host sync, so the
         # check is cached by version counter there (``.data`` writes bypass it: documented).
-        f = t.detach().float().numpy()
-        bad_np = ~np.isfinite(f) | ((f <= 0) if positive else False)
+        v = t.detach().float().numpy()
+        bad_np = ~np.isfinite(v) | ((v <= 0) if positive else False)
         if bad_np.any():
-            i = int(bad_np.nonzero()[0][0])
+            i = int(np.flatnonzero(bad_np)[0])
             want = "finite and > 0 in float32" if positive else "finite in float32"
             raise ValueError(f"{name}: expected every entry {want}, got {t[i].item()} at index {i}")
     elif reads and not _values_known_ok(t, positive):

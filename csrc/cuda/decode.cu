@@ -206,7 +206,8 @@ __device__ void route_all(const DecodeParams& p, float* smem) {
       int best = -1;
       for (int e = 0; e < E; ++e) {
         if (taken >> e & 1ull) continue;
-        if (best < 0 || n[e] > n[best]) best = e;  // strict: ties keep the lower index
+        // Strict (ties keep the lower index); NaN ranks last, as in the reference.
+        if (best < 0 || (!isnan(n[e]) && (isnan(n[best]) || n[e] > n[best]))) best = e;
       }
       taken |= 1ull << best;
       sel[j] = best;

@@ -22,6 +22,7 @@ struct dim3 {
 struct uint4 {
   unsigned x, y, z, w;
 };
+using std::isnan;  // CUDA device code has isnan in the global namespace
 using cudaStream_t = void*;
 using cudaError_t = int;
 constexpr cudaError_t cudaSuccess = 0;
