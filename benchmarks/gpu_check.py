@@ -65,8 +65,32 @@ def log(msg: str) -> None:
     print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
 
 
-def save(out: Path) -> None:
-    (out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+OUT_DIR = Path("gpu_check_out")
+# GPU backends checked; a backend whose canary launch (``--canary``, run first by gpu_check.sh in
+# its own process with its own timeout) did not end is left out, so that one hang cannot eat the
+# whole run.
+GPU_BACKENDS = ["triton", "cuda"]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a temporary file beside it, then ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(out: Path | None = None) -> None:
+    """Rewrite ``gpu_check.json`` and ``gpu_check.md`` from ``RESULTS`` (after every case)."""
+    out = out or OUT_DIR
+    write_atomic(out / "gpu_check.json", json.dumps(RESULTS, indent=1, default=str))
+    try:
+        md = render_md()
+    except Exception:  # the table must never cost the JSON
+        md = "markdown failed:\n\n```\n" + traceback.format_exc() + "```\n"
+    write_atomic(out / "gpu_check.md", md)
 
 
 def time_left(budget: float) -> float:
@@ -143,6 +167,42 @@ def run_backend(args: LayerArgs, backend, *, regime="auto", base="auto"):
 
 
 # ---- 2. correctness -------------------------------------------------------------------------
+# fp32: a token whose fp64 reference scores separate its top-k (in order) from each other and from
+# the rest by more than this (relative to the score's size) must get the reference's top-k exactly.
+TIE_MARGIN = 1e-3
+
+
+def record(rows: list[dict[str, Any]], r: dict[str, Any]) -> None:
+    """Append one result row, log it if it failed, and rewrite the results files."""
+    rows.append(r)
+    if not r.get("ok"):
+        log(f"FAIL {r}")
+    save()
+
+
+def topk_far_from_ties(got, args: LayerArgs) -> dict[str, Any]:
+    """Top-k agreement on the tokens away from near-ties of the fp64 reference's scores.
+
+    Ties are judged on the reference's ``scores`` (the values the top-k ranks: ``n`` in token mode,
+    the weight row in fixed mode), NaN ranked last: a token is away from ties when each of its
+    first ``k + 1`` sorted scores exceeds the next by more than ``TIE_MARGIN * max(1, |score|)``.
+    """
+    from personamoe.testing import reference_fp64
+
+    ref = reference_fp64(args)
+    s, ref_idx = ref[3], ref[1]
+    s = torch.nan_to_num(s.double(), nan=float("-inf"), posinf=float("inf"))
+    k, E = args.top_k, s.shape[1]
+    top = s.sort(dim=1, descending=True).values[:, : min(k + 1, E)]
+    gaps = top[:, :-1] - top[:, 1:]
+    margin = TIE_MARGIN * top[:, :-1].abs().clamp_min(1.0)
+    far = (gaps > margin).all(dim=1) & torch.isfinite(top[:, k - 1])  # NaN gaps compare False
+    same = (got[1].long() == ref_idx.long()).all(dim=1)
+    n_far = int(far.sum())
+    match = float(same[far].float().mean()) if n_far else 1.0
+    return {"topk_far_tokens": n_far, "topk_far_match": match}
+
+
 def correctness_section() -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     dtypes = [torch.float32, torch.float16] if SMOKE else [torch.bfloat16, torch.float16,
@@ -154,18 +214,21 @@ def correctness_section() -> list[dict[str, Any]]:
               (33, 200, 150, 8, 16, 2), (7, 4096, 4096, 64, 64, 2), (300, 512, 384, 64, 64, 2),
               (5, 257, 130, 3, 4, 3)]
     )  # fmt: skip
-    backends = ["triton"] if SMOKE else ["triton", "cuda"]
+    RESULTS["correctness"] = rows  # saved after every row
+    backends = ["triton"] if SMOKE else list(GPU_BACKENDS)
 
     def one(name, args, backend, regime="auto", base="auto"):
         try:
-            r = compare_to_reference(run_backend(args, backend, regime=regime, base=base), args)
+            got = run_backend(args, backend, regime=regime, base=base)
+            r = compare_to_reference(got, args)
+            if args.x.dtype == torch.float32:
+                r.update(topk_far_from_ties(got, args))
+                r["ok"] = r["ok"] and r["topk_far_match"] == 1.0
         except Exception as e:  # record and go on: one failure must not hide the others
             r = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         r.update(case=name, dtype=str(args.x.dtype).replace("torch.", ""), backend=backend,
                  regime=regime, base=base)  # fmt: skip
-        rows.append(r)
-        if not r["ok"]:
-            log(f"FAIL {r}")
+        record(rows, r)
 
     for dtype in dtypes:
         for T, d_in, d_out, E, r, k in shapes:
@@ -173,7 +236,7 @@ def correctness_section() -> list[dict[str, Any]]:
             name = f"T{T}_d{d_in}x{d_out}_E{E}_r{r}_k{k}"
             for be in backends:
                 one(name, layer, be)
-            if not SMOKE and T <= 16:
+            if not SMOKE and T <= 16 and "cuda" in GPU_BACKENDS:
                 from personamoe.backends import cuda_launch
 
                 cuda_launch.FUSE_BASE = False
@@ -209,13 +272,94 @@ def correctness_section() -> list[dict[str, Any]]:
                 one("bias_ids_cal", layer._replace(top_k=3, persona_bias=pb, persona_ids=ids,
                     calibration=cal, temperature=0.7, normalize=norm), be)  # fmt: skip
             one("fixed", layer._replace(persona_weights=w, persona_ids=ids), be)
+        # ids and bias in every Triton regime x base mode
+        for regime in ("dense", "grouped") if "triton" in backends else ():
+            for base in ("torch", "fused"):
+                one("bias_ids", layer._replace(top_k=2, persona_bias=pb, persona_ids=ids),
+                    "triton", regime=regime, base=base)  # fmt: skip
+    extra_cases(rows, backends)
     return rows
+
+
+def extra_cases(rows: list[dict[str, Any]], backends: list[str]) -> None:
+    """Duplicated experts (bitwise-deterministic, run twice), expanded/strided scaling, NaN locality.
+
+    In ``--smoke`` they run at small shapes on the CPU backends (``cpp``, ``reference``) and the
+    Triton interpreter, which checks this code, not a GPU.
+    """
+    from personamoe.backends import available_backends
+    from personamoe.testing import TOLERANCES, reference_fp64
+
+    if SMOKE:
+        avail = available_backends()
+        backends = [b for b in ("cpp", "reference", "triton") if avail.get(b) == "available"]
+    d = 64 if SMOKE else 2048
+    half = torch.float16 if SMOKE else torch.bfloat16  # no bf16 in the Triton interpreter
+
+    def row(case, backend, dtype, fn):
+        r: dict[str, Any] = {"case": case, "backend": backend,
+                             "dtype": str(dtype).replace("torch.", "")}  # fmt: skip
+        try:
+            r.update(fn())
+        except Exception as e:
+            r.update(ok=False, error=f"{type(e).__name__}: {e}")
+        record(rows, r)
+
+    # Duplicated experts: experts 2j and 2j+1 identical, so every token's scores tie exactly; two
+    # runs must agree bitwise (ties broken the same way every time) and y stay close to fp64.
+    for dtype in (torch.float32, half):
+        for T in (1, 16, 17, 64):
+            lay = make_layer(T, d, d, 8, 16, dtype, seed=11 + T)
+            lay = lay._replace(lora_a=lay.lora_a[0::2].repeat_interleave(2, 0).contiguous(),
+                               lora_b=lay.lora_b[0::2].repeat_interleave(2, 0).contiguous(),
+                               scaling=lay.scaling[0::2].repeat_interleave(2, 0).contiguous())  # fmt: skip
+            for be in backends:
+                if SMOKE and be == "triton" and T > 17:
+                    continue
+
+                def dup(lay=lay, be=be):
+                    a, b = run_backend(lay, be), run_backend(lay, be)
+                    bitwise = all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+                    ref_y = reference_fp64(lay)[0]
+                    atol, rtol = TOLERANCES[lay.x.dtype]
+                    y_ok = bool(torch.isclose(a[0].double(), ref_y, atol=atol, rtol=rtol).all())
+                    return {"ok": bitwise and y_ok, "bitwise_repeat": bitwise, "y_ok": y_ok}
+
+                row(f"dup_experts_T{T}_d{d}", be, dtype, dup)
+    # Expanded (stride 0) and strided scaling, any backend must read them as given.
+    for dtype in (torch.float32, half):
+        lay = make_layer(17, d, d, 8, 16, dtype, seed=5)
+        wide = torch.rand(16, device=DEV) + 0.5
+        for sname, sc in (("expanded", torch.tensor(0.75, device=DEV).expand(8)),
+                          ("strided", wide[::2])):  # fmt: skip
+            case = lay._replace(scaling=sc)
+            for be in backends:
+                row(f"scaling_{sname}", be, dtype,
+                    lambda case=case, be=be: compare_to_reference(run_backend(case, be), case))  # fmt: skip
+    # NaN locality: a NaN in one token's x stays in that token's row; the others match fp64.
+    for dtype in [torch.float32] if SMOKE else [torch.bfloat16, torch.float32]:
+        lay = make_layer(16, d, d, 8, 16, dtype, seed=9)
+        lay.x[5, 3] = float("nan")
+        for be in backends:
+
+            def nan_case(lay=lay, be=be):
+                got = run_backend(lay, be)
+                others = torch.ones(16, dtype=torch.bool, device=DEV)
+                others[5] = False
+                clean = bool(torch.isfinite(got[0][others]).all())
+                r = compare_to_reference(tuple(t[others] for t in got),
+                                         lay._replace(x=lay.x[others]))  # fmt: skip
+                nan_row = bool(torch.isnan(got[0][5]).all())
+                r.update(ok=r["ok"] and clean and nan_row, others_finite=clean, nan_row=nan_row)
+                return r
+
+            row("nan_locality", be, dtype, nan_case)
 
 
 # ---- 3. CUDA graphs and torch.compile -------------------------------------------------------
 def graphs_section() -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for be in ("triton", "cuda"):
+    for be in GPU_BACKENDS:
         for T in (1, 16, 256):
             name = f"graph_{be}_T{T}"
             try:
@@ -353,7 +497,7 @@ def bench_section(info: dict[str, Any], out: Path, budget: float) -> list[dict[s
                         lambda x, w, kk, rg=regime, bs=base: pm_op(x, w, kk, "triton", rg, bs),
                         "triton",
                     )
-        if T <= 16 and not SMOKE:
+        if T <= 16 and not SMOKE and "cuda" in GPU_BACKENDS:
             provs["cuda"] = (lambda x, w, kk: pm_op(x, w, kk, "cuda"), "cuda")
             provs["cuda_cublas_base"] = (lambda x, w, kk: pm_op_cublas(x, w, kk), "cuda")
         for pname, (p, backend) in provs.items():
@@ -503,28 +647,83 @@ def markdown(info: dict[str, Any], corr, graphs, bench) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_md() -> str:
+    """The markdown summary of what ``RESULTS`` holds so far."""
+    info = RESULTS.get("device")
+    if info is None:
+        return f"# personamoe GPU check: no device section yet\n\ncanary: {RESULTS.get('canary')}\n"
+    md = markdown(info, RESULTS.get("correctness"), RESULTS.get("graphs"), RESULTS.get("bench"))
+    if "canary" in RESULTS:
+        md += f"\nCanary (own process, own timeout): {RESULTS['canary']}\n"
+    train = RESULTS.get("train")
+    if train:
+        md += "\nForward + backward, ms (grads of x, lora_a, lora_b; W frozen):\n\n"
+        md += "\n".join(f"- {t['case']}: " + ", ".join(f"{p}={v:.4f}" for p, v in t["ms"].items())
+                        for t in train) + "\n"  # fmt: skip
+    if "pytest" in RESULTS:
+        md += f"\npytest rc={RESULTS['pytest'].get('rc')}\n"
+    return md
+
+
+def canary(out: Path) -> int:
+    """One small CUDA decode launch, then one Triton launch, each synchronized; ``canary.json`` is
+    rewritten before and after each step, so after a hang (gpu_check.sh kills this process) it says
+    which launch never came back. On ``--smoke``: the cpp backend and the Triton interpreter."""
+    steps = [("cpp", "cpp"), ("triton", "triton")] if SMOKE else [("cuda", "cuda"),
+                                                                  ("triton", "triton")]  # fmt: skip
+    state: dict[str, Any] = {}
+    path = out / "canary.json"
+    for name, be in steps:
+        state[name] = "started"
+        write_atomic(path, json.dumps(state))
+        t = time.monotonic()
+        try:
+            lay = make_layer(1, 256, 256, 8, 16, torch.float32, seed=1)
+            r = compare_to_reference(run_backend(lay, be), lay)
+            if not SMOKE:
+                torch.cuda.synchronize()
+            state[name] = "ok" if r["ok"] else f"wrong: {r}"
+        except Exception as e:
+            state[name] = f"error: {type(e).__name__}: {e}"
+        state[f"{name}_s"] = round(time.monotonic() - t, 2)
+        write_atomic(path, json.dumps(state))
+        log(f"canary {name}: {state[name]}")
+    return 0 if all(state[n] == "ok" for n, _ in steps) else 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
     ap.add_argument("--budget", type=float, default=270.0, help="seconds for everything")
     ap.add_argument("--smoke", action="store_true", help="CPU/interpreter check of this script")
     ap.add_argument("--skip", default="", help="comma list of sections to skip")
+    ap.add_argument("--canary", action="store_true",
+                    help="only the canary launches (gpu_check.sh runs this first, in its own process)")  # fmt: skip
     args = ap.parse_args()
-    out = Path(args.out)
+    global OUT_DIR
+    out = OUT_DIR = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
     if not SMOKE and not torch.cuda.is_available():
         print("no CUDA device: run with --smoke for the CPU check of this script")
         return 2
     torch.manual_seed(0)
+    if args.canary:
+        return canary(out)
+    if (out / "canary.json").exists():
+        RESULTS["canary"] = json.loads((out / "canary.json").read_text())
+        for be in ("cuda", "triton"):
+            if not SMOKE and RESULTS["canary"].get(be, "ok") != "ok":
+                GPU_BACKENDS.remove(be)
+                log(f"canary: {be} left out of every section ({RESULTS['canary'][be]})")
+        RESULTS["gpu_backends"] = list(GPU_BACKENDS)
     info = device_section()
     RESULTS["device"] = info
     log(f"device: {info}")
     save(out)
-    corr = graphs = bench = None
+    corr = graphs = None
     if "correctness" not in skip:
         corr = correctness_section()
-        RESULTS["correctness"] = corr
         save(out)
         log(f"correctness: {sum(c['ok'] for c in corr)}/{len(corr)} ok")
     if "graphs" not in skip and not SMOKE:
@@ -534,11 +733,10 @@ def main() -> int:
         log(f"graphs: {graphs}")
     if "bench" not in skip:
         try:
-            bench = bench_section(info, out, args.budget - 40)
+            bench_section(info, out, args.budget - 40)
         except Exception:
             RESULTS["bench_error"] = traceback.format_exc()
             log(RESULTS["bench_error"])
-            bench = RESULTS.get("bench")
     train = None
     if "train" not in skip and time_left(args.budget) > 60:
         try:
@@ -547,12 +745,6 @@ def main() -> int:
             RESULTS["train_error"] = traceback.format_exc()
         RESULTS["train"] = train
         save(out)
-    md = markdown(info, corr, graphs, bench)
-    if train:
-        md += "\nForward + backward, ms (grads of x, lora_a, lora_b; W frozen):\n\n"
-        md += "\n".join(f"- {t['case']}: " + ", ".join(f"{p}={v:.4f}" for p, v in t["ms"].items())
-                        for t in train) + "\n"  # fmt: skip
-    (out / "gpu_check.md").write_text(md)
     save(out)
     left = time_left(args.budget)
     if "pytest" not in skip and not SMOKE and left > 45:
@@ -565,7 +757,7 @@ def main() -> int:
             RESULTS["pytest"] = {"rc": None, "tail": "timed out"}
         save(out)
         log(f"pytest rc={RESULTS['pytest']['rc']}")
-    print(md)
+    print(render_md())
     ok = all(c.get("ok") for c in (corr or [])) and all(g.get("ok") for g in (graphs or []))
     return 0 if ok else 1
 
