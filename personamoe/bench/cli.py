@@ -2,12 +2,17 @@
 
 Prints a table (median and spread per provider, ratio against ``base``, tokens/s for the model
 case), writes ``results.json`` (the machine and every sample) and ``results.png`` to ``--out``.
+The table and ``results.json`` are rewritten after every case, so a run that is killed keeps the
+cases it finished. Time budgets bound the run: each provider (``--provider-budget``) and the whole
+run (``--time-budget``); what they cut short says so in the table's note column.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +36,10 @@ ALL_CASES = (*LAYER_CASES, "M")
 QUICK_ROUNDS = {"L1": 150, "L16": 80, "L256": 20, "M": 3}
 FULL_ROUNDS = {"L1": 400, "L16": 200, "L256": 40, "M": 5}
 QUICK_NEW_TOKENS = 8
+# Time budgets in seconds (--provider-budget, --time-budget) by mode; inf: no limit. The quick
+# default stays near a minute on a busy 2-core machine (X-LoRA in the model case dominated it).
+QUICK_BUDGETS = (20.0, 75.0)
+FULL_BUDGETS = (300.0, math.inf)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,6 +84,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument(
+        "--provider-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"wall-clock seconds each provider may spend per case, warmup included; then it stops "
+        f"with the rounds it has, or is skipped if one call takes longer (default: "
+        f"{QUICK_BUDGETS[0]:g} quick, {FULL_BUDGETS[0]:g} full; 0: no limit)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"seconds for the whole run, shared out among the cases not yet run; cases left "
+        f"when it is spent are skipped (default: {QUICK_BUDGETS[1]:g} quick, no limit full; "
+        f"0: no limit)",
+    )
+    p.add_argument(
         "--clock",
         default="wall",
         choices=sorted(CLOCKS),
@@ -91,7 +118,30 @@ def _split(s: str | None) -> list[str] | None:
     return [p.strip() for p in s.split(",") if p.strip()] if s else None
 
 
-def run_layer_case(name: str, args: argparse.Namespace, dtype: torch.dtype) -> list[Result]:
+def budgets(args: argparse.Namespace) -> tuple[float, float]:
+    """(per-provider, whole-run) budgets in seconds from the options and the mode; inf: none."""
+    default = QUICK_BUDGETS if args.quick else FULL_BUDGETS
+
+    def pick(value: float | None, d: float, opt: str) -> float:
+        if value is None:
+            return d
+        if value < 0 or math.isnan(value):
+            raise SystemExit(f"{opt}: expected seconds >= 0, got {value}")
+        return value or math.inf
+
+    return (
+        pick(args.provider_budget, default[0], "--provider-budget"),
+        pick(args.time_budget, default[1], "--time-budget"),
+    )
+
+
+def run_layer_case(
+    name: str,
+    args: argparse.Namespace,
+    dtype: torch.dtype,
+    budget: float | None = None,
+    deadline: float | None = None,
+) -> list[Result]:
     import dataclasses
 
     case = dataclasses.replace(bl.CASES[name], dtype=dtype)
@@ -113,11 +163,25 @@ def run_layer_case(name: str, args: argparse.Namespace, dtype: torch.dtype) -> l
         sets = [bl.WeightSet(*(t.cuda() for t in dataclasses.astuple(w))) for w in sets]
     x = bl.make_input(case).to(args.device)
     rounds = args.repeats or (QUICK_ROUNDS if args.quick else FULL_ROUNDS)[name]
-    samples = bl.measure(case, providers, sets, rounds=rounds, x=x, clock=args.clock)
-    return [Result(name, p, s) for p, s in samples.items()]
+    results = bl.measure_results(
+        case,
+        providers,
+        sets,
+        rounds=rounds,
+        x=x,
+        clock=args.clock,
+        budget=budget,
+        deadline=deadline,
+    )
+    return list(results.values())
 
 
-def run_model_case(args: argparse.Namespace, dtype: torch.dtype) -> list[Result]:
+def run_model_case(
+    args: argparse.Namespace,
+    dtype: torch.dtype,
+    budget: float | None = None,
+    deadline: float | None = None,
+) -> list[Result]:
     import dataclasses
 
     from personamoe.bench.model import MODEL_PROVIDERS, M, ModelBench
@@ -139,13 +203,21 @@ def run_model_case(args: argparse.Namespace, dtype: torch.dtype) -> list[Result]
             f"{rounds} rounds"
         )
         results = time_interleaved(
-            "M", fns, repeats=rounds, warmup=1, device=args.device, progress=_log, clock=args.clock
+            "M",
+            fns,
+            repeats=rounds,
+            warmup=1,
+            device=args.device,
+            progress=_log,
+            clock=args.clock,
+            budget=budget,
+            deadline=deadline,
         )
     finally:
         bench.close()
     for r in results.values():
         r.work = bench.tokens_per_call
-        r.note = bench.notes.get(r.provider, "")
+        r.note = "; ".join(n for n in (r.note, bench.notes.get(r.provider, "")) if n)
     return list(results.values())
 
 
@@ -159,12 +231,14 @@ def target_lines(results: list[Result]) -> list[str]:
         rs = {r.provider: r for r in results if r.case == case}
         if "base" not in rs or "personamoe" not in rs:
             continue
+        if not rs["base"].samples or not rs["personamoe"].samples:
+            continue
         base, pm = rs["base"].median, rs["personamoe"].median
         paired = paired_ratio(rs["personamoe"], rs["base"])
         others = {
             p: r.median - base
             for p, r in rs.items()
-            if p not in ("base", "personamoe", "reference")
+            if p not in ("base", "personamoe", "reference") and r.samples
         }
         line = f"{case}: personamoe / base = {pm / base:.3f} (paired {paired:.3f})"
         if others:
@@ -186,6 +260,9 @@ def plot(results: list[Result], path: Path) -> bool:
         import matplotlib.ticker
     except ImportError:
         _log("matplotlib is not installed: no plot (pip install 'personamoe[bench]')")
+        return False
+    results = [r for r in results if r.samples]  # skipped providers and cases: table only
+    if not results:
         return False
     cases = list(dict.fromkeys(r.case for r in results))
     fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 3.5), squeeze=False)
@@ -226,15 +303,8 @@ def main(args: argparse.Namespace) -> int:
     info = machine_info()
     print(f"machine: {describe_machine(info)}")
     print(f"mode: {'quick' if args.quick else 'full'}, dtype {dtype_name}, device {args.device}")
+    provider_budget, time_budget = budgets(args)
     t0 = time.time()
-    results: list[Result] = []
-    for c in cases:
-        results += run_model_case(args, dtype) if c == "M" else run_layer_case(c, args, dtype)
-    print()
-    print(ratio_table(results))
-    print()
-    for line in target_lines(results):
-        print(line)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {
@@ -244,11 +314,51 @@ def main(args: argparse.Namespace) -> int:
         "device": args.device,
         "clock": args.clock,
         "command": " ".join(sys.argv),
-        "seconds": time.time() - t0,
-        "results": [r.as_dict() for r in results],
+        "provider_budget_s": provider_budget if math.isfinite(provider_budget) else None,
+        "time_budget_s": time_budget if math.isfinite(time_budget) else None,
     }
-    (out / "results.json").write_text(json.dumps(payload, indent=2))
+    results: list[Result] = []
+    start = time.perf_counter()
+    for i, c in enumerate(cases):
+        left = time_budget - (time.perf_counter() - start)
+        if left <= 0:
+            _log(f"{c}: skipped, the run's time budget of {time_budget:g} s is spent")
+            results.append(Result(c, "-", note=f"skipped: run time budget {time_budget:g} s spent"))
+        else:
+            # This case's share of what is left; time a case does not use rolls on to the next.
+            deadline = time.perf_counter() + left / (len(cases) - i)
+            budget = None if math.isinf(provider_budget) else provider_budget
+            dl = None if math.isinf(deadline) else deadline
+            if c == "M":
+                results += run_model_case(args, dtype, budget, dl)
+            else:
+                results += run_layer_case(c, args, dtype, budget, dl)
+        payload.update(
+            seconds=time.time() - t0,
+            complete=i == len(cases) - 1,
+            results=[r.as_dict() for r in results],
+        )
+        write_json(out / "results.json", payload)
+        print()
+        print(ratio_table(results), flush=True)
+    print()
+    for line in target_lines(results):
+        print(line)
     wrote_png = plot(results, out / "results.png")
     print(f"\nwrote {out / 'results.json'}" + (f" and {out / 'results.png'}" if wrote_png else ""))
     print(f"total {time.time() - t0:.0f} s")
     return 0
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``path`` atomically: a temporary file in the same folder, then ``os.replace``, so a
+    run killed mid-write leaves the previous complete file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -201,6 +201,26 @@ def measure(
     or ``"cpu"`` (:data:`runner.CLOCKS`: the calling thread's CPU time, robust to other jobs on a
     shared machine; use it with one torch thread).
     """
+    results = measure_results(
+        case, providers, weight_sets, rounds=rounds, warmup=warmup, x=x, clock=clock
+    )
+    return {p: r.samples for p, r in results.items()}
+
+
+def measure_results(
+    case: LayerCase,
+    providers: Sequence[str],
+    weight_sets: Sequence[WeightSet],
+    *,
+    rounds: int,
+    warmup: int = 3,
+    x: Tensor | None = None,
+    clock: str = "wall",
+    budget: float | None = None,
+    deadline: float | None = None,
+) -> dict[str, runner.Result]:
+    """:func:`measure`, returning the :class:`runner.Result` of each provider (with the note of a
+    provider stopped by ``budget`` or ``deadline``, see :func:`runner.time_interleaved`)."""
     device = weight_sets[0].weight.device
     x = make_input(case).to(device) if x is None else x
     n_sets, n_prov = len(weight_sets), len(providers)
@@ -221,15 +241,16 @@ def measure(
     fns: dict[str, Callable[[], object]] = {
         p: rotating(j, PROVIDERS[p]) for j, p in enumerate(providers)
     }
-    results = runner.time_interleaved(
+    return runner.time_interleaved(
         case.name,
         fns,
         repeats=rounds,
         warmup=warmup * n_sets,
         device=device.type,
         clock=clock,
+        budget=budget,
+        deadline=deadline,
     )
-    return {p: r.samples for p, r in results.items()}
 
 
 # The one machine description (runner.describe_machine), under the name the layer scripts use.

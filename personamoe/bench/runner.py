@@ -7,6 +7,7 @@ alike; results are medians and ratios against ``base`` measured in the same run,
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import statistics
@@ -77,6 +78,8 @@ def time_interleaved(
     progress: Callable[[str], None] | None = None,
     clock: str = "wall",
     inference: bool = True,
+    budget: float | None = None,
+    deadline: float | None = None,
 ) -> dict[str, Result]:
     """Time every provider ``repeats`` times, interleaved; ``warmup`` untimed rounds first.
 
@@ -84,35 +87,87 @@ def time_interleaved(
     (:func:`paired_ratio`). ``clock`` is a key of :data:`CLOCKS`. The calls run under
     ``torch.inference_mode``; ``inference=False`` leaves the caller's grad mode as it is (to time
     a backward pass).
+
+    ``budget`` bounds the wall-clock seconds each provider may spend (warmup included): once its
+    calls add up to more, it gets no further rounds and keeps the samples taken, with a note; a
+    provider whose single call takes longer than ``budget`` before any timed sample is dropped
+    (no samples, note ``skipped: one call took ...``). Every other provider gets at least one timed
+    round. ``deadline`` (a :func:`time.perf_counter` value) stops every provider: no round starts
+    after it (providers without samples then get a note instead).
     """
     if clock not in CLOCKS:
         raise ValueError(f"clock: expected one of {sorted(CLOCKS)}, got {clock!r}")
     now = CLOCKS[clock]
+    wall = time.perf_counter
     results = {name: Result(case, name) for name in fns}
+    spent = dict.fromkeys(fns, 0.0)
+    active = dict.fromkeys(fns, True)  # still gets rounds
+    limit = math.inf if budget is None else budget
+    end = math.inf if deadline is None else deadline
+
+    def drop_if_too_slow(name: str, took: float) -> None:
+        if took > limit and not results[name].samples:
+            active[name] = False
+            results[name].note = f"skipped: one call took {took:.1f} s > budget {limit:g} s"
+
     with torch.inference_mode() if inference else contextlib.nullcontext():
         for _ in range(warmup):
-            for fn in fns.values():
+            for name, fn in fns.items():
+                if not active[name] or spent[name] > limit or wall() > end:
+                    continue
+                w0 = wall()
                 fn()
+                _sync(device)
+                took = wall() - w0
+                spent[name] += took
+                drop_if_too_slow(name, took)
         _sync(device)
         for i in range(repeats):
+            if wall() > end:
+                for r in results.values():
+                    if active[r.provider]:
+                        r.note = r.note or (
+                            f"run time budget ran out after {len(r.samples)}/{repeats} rounds"
+                        )
+                break
             # Rotate the start each round so no provider always runs right after the same one.
             names = list(fns)
             names = names[i % len(names) :] + names[: i % len(names)]
+            ran = 0
             for name in names:
+                r = results[name]
+                if not active[name]:
+                    continue
+                if r.samples and spent[name] > limit:
+                    active[name] = False
+                    r.note = f"budget {limit:g} s ran out after {len(r.samples)}/{repeats} rounds"
+                    continue
                 _sync(device)
+                w0 = wall()
                 t0 = now()
                 fns[name]()
                 _sync(device)
-                results[name].samples.append(now() - t0)
+                t1 = now()
+                took = wall() - w0
+                spent[name] += took
+                drop_if_too_slow(name, took)
+                if active[name]:
+                    r.samples.append(t1 - t0)
+                ran += 1
             if progress is not None:
                 progress(f"{case}: round {i + 1}/{repeats}")
+            if not ran:
+                break
     return results
 
 
 def paired_ratio(result: Result, base: Result) -> float:
     """Median over rounds of ``result / base`` within the same round: steadier than the ratio of
-    medians on a shared machine, since load that drifts slowly cancels within a round."""
-    return statistics.median(a / b for a, b in zip(result.samples, base.samples, strict=True))
+    medians on a shared machine, since load that drifts slowly cancels within a round.
+    Pairs the rounds both have samples of (a provider stopped by its budget has the first ones);
+    NaN when there are none."""
+    pairs = [a / b for a, b in zip(result.samples, base.samples, strict=False)]
+    return statistics.median(pairs) if pairs else float("nan")
 
 
 def cpu_model() -> str:
@@ -174,10 +229,14 @@ def ratio_table(results: list[Result], base: str = "base") -> str:
         by_case.setdefault(r.case, []).append(r)
     for case, rs in by_case.items():
         b = next((r for r in rs if r.provider == base), None)
+        has_base = b is not None and bool(b.samples)
         for r in rs:
+            if not r.samples:  # skipped by a time budget: only the note
+                lines.append(f"| {case} | {r.provider} | - | - | - | - | - | {r.note} |")
+                continue
             lo, hi = r.spread
-            ratio = f"{r.median / b.median:.3f}" if b else "-"
-            over = f"{(r.median - b.median) * 1e3:+.3f} ms" if b else "-"
+            ratio = f"{r.median / b.median:.3f}" if b and has_base else "-"
+            over = f"{(r.median - b.median) * 1e3:+.3f} ms" if b and has_base else "-"
             tps = f"{r.work / r.median:,.1f}" if r.work else "-"
             lines.append(
                 f"| {case} | {r.provider} | {_fmt(r.median)} | {_fmt(lo)}-{_fmt(hi)} | {ratio} "
