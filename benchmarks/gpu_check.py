@@ -1,8 +1,10 @@
 """One-shot GPU check of personamoe's GPU kernels: correctness, CUDA graphs, torch.compile, timings.
 
 Run by ``benchmarks/gpu_check.sh`` after it has built the package (``pip install -e .`` builds the
-CUDA extension). Sections, each written to ``$OUT/gpu_check.json`` as soon as it ends (a timeout
-still leaves what was done):
+CUDA extension), after ``--canary`` (one CUDA decode and one Triton launch, in a process of its own
+under a hard timeout; a backend whose launch did not come back ok is left out here). Sections;
+``$OUT/gpu_check.json`` and ``gpu_check.md`` are rewritten atomically after every case (a hang or a
+kill still leaves what was done):
 
 1. ``device``: the machine description every benchmark records (``personamoe.bench.runner``) plus
    the card, the measured copy bandwidth (device-to-device copy, bytes read plus
@@ -12,7 +14,9 @@ still leaves what was done):
    persona bias (-inf rows, out-of-range ids), calibration, both gate normalisations and fixed mode.
    Checked by ``personamoe.testing.compare_to_reference``: the share of tokens whose top-k equals
    the reference's, and ``y``, gates and scores elementwise within the dtype's tolerance
-   (``personamoe.testing.TOLERANCES``); ``||y - ref|| / ||ref||`` is reported alongside.
+   (``personamoe.testing.TOLERANCES``); ``||y - ref|| / ||ref||`` is reported alongside. fp32:
+   100% top-k agreement on the tokens away from near-ties. Then duplicated experts run twice and
+   compared bitwise (d=2048, T in 1/16/17/64), expanded/strided scaling and NaN locality.
 3. ``graphs``: CUDA-graph capture + replay with new inputs equals eager (T = 1, 16, 256), and
    ``torch.compile(fullgraph=True)`` equals eager.
 4. ``bench``: L1/L16/L256 (d=2048, E=8, r=16, k=2) and the G-sweep (d=4096, T in 1/16/256/4096,
