@@ -26,15 +26,20 @@ Anything this library cannot reproduce exactly raises :class:`AdapterError` nami
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
+import torch
 from torch import Tensor
+
+from personamoe._atomic import write_files
 
 __all__ = [
     "CONFIG_NAME",
@@ -42,6 +47,7 @@ __all__ = [
     "AdapterError",
     "LoraAdapter",
     "LoraModule",
+    "PatternError",
     "pattern_key",
     "read_adapter",
     "write_adapter",
@@ -106,11 +112,206 @@ class LoraAdapter:
 
 
 def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
-    """PEFT's ``get_pattern_key``: the first pattern key matching the end of ``module``."""
+    """PEFT's ``get_pattern_key``: the first pattern key ``k`` (in order) with
+    ``re.match(rf"(.*\\.)?({k})$", module)``, evaluated in time linear in ``len(module)``
+    (:func:`_key_program`); a key this cannot evaluate raises :class:`PatternError`."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if _run(_key_program(key), module):
             return key
     return None
+
+
+class PatternError(ValueError):
+    """A ``rank_pattern`` / ``alpha_pattern`` key that is not a regex personamoe can match in
+    bounded time (the message says why; the caller adds the file and key)."""
+
+
+# Pattern keys are regexes from a file. Python's backtracking ``re`` takes exponential time on
+# keys such as "(.|.)*Z" (a denial of service), so a key is parsed by ``re``'s own parser (the
+# exact syntax PEFT uses) and run as a Thompson NFA: no backtracking, time O(len(module) * size).
+# The features of regular languages are supported; backreferences, lookarounds, atomic groups,
+# possessive repeats and inline flags other than (?x) raise PatternError, as do keys larger
+# than these bounds.
+_MAX_KEY_CHARS = 1000
+_MAX_PROGRAM = 2000  # NFA instructions (counted repeats are unrolled)
+try:
+    _sre: Any = importlib.import_module("re._parser")  # Python >= 3.11
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    _sre = importlib.import_module("sre_parse")
+_OK_FLAGS = _sre.SRE_FLAG_UNICODE | _sre.SRE_FLAG_VERBOSE
+
+
+def _word(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
+
+
+_CATEGORIES: dict[Any, Callable[[str], bool]] = {
+    _sre.CATEGORY_DIGIT: str.isdecimal,
+    _sre.CATEGORY_NOT_DIGIT: lambda ch: not ch.isdecimal(),
+    _sre.CATEGORY_WORD: _word,
+    _sre.CATEGORY_NOT_WORD: lambda ch: not _word(ch),
+    _sre.CATEGORY_SPACE: str.isspace,
+    _sre.CATEGORY_NOT_SPACE: lambda ch: not ch.isspace(),
+}
+
+
+def _at(code: Any, s: str, pos: int) -> bool:
+    """A zero-width assertion (``^ $ \\A \\Z \\b \\B``, no MULTILINE) at ``pos`` of ``s``."""
+    n = len(s)
+    if code in (_sre.AT_BEGINNING, _sre.AT_BEGINNING_STRING):
+        return pos == 0
+    if code == _sre.AT_END:
+        return pos == n or (pos == n - 1 and s[-1] == "\n")
+    if code == _sre.AT_END_STRING:
+        return pos == n
+    before = pos > 0 and _word(s[pos - 1])
+    after = pos < n and _word(s[pos])
+    if code == _sre.AT_BOUNDARY:
+        return before != after
+    return n > 0 and before == after  # AT_NON_BOUNDARY (never matches an empty string)
+
+
+_ASSERTIONS = (_sre.AT_BEGINNING, _sre.AT_BEGINNING_STRING, _sre.AT_END, _sre.AT_END_STRING,
+               _sre.AT_BOUNDARY, _sre.AT_NON_BOUNDARY)  # fmt: skip
+
+# One NFA instruction: ("char", predicate), ("split", a, b), ("jmp", a), ("at", code), ("match",)
+_Program = list[list[Any]]
+
+
+def _char_class(items: list[tuple[Any, Any]]) -> Callable[[str], bool]:
+    negate = False
+    tests: list[Callable[[str], bool]] = []
+    for op, av in items:
+        if op == _sre.NEGATE:
+            negate = True
+        elif op == _sre.LITERAL:
+            tests.append(functools.partial(str.__eq__, chr(av)))
+        elif op == _sre.RANGE:
+            tests.append(_in_range(av[0], av[1]))
+        elif op == _sre.CATEGORY and av in _CATEGORIES:
+            tests.append(_CATEGORIES[av])
+        else:
+            raise PatternError(f"unsupported character class item {op} {av}")
+    return lambda ch: any(t(ch) for t in tests) != negate
+
+
+def _in_range(lo: int, hi: int) -> Callable[[str], bool]:
+    return lambda ch: lo <= ord(ch) <= hi
+
+
+def _emit(prog: _Program, *ins: Any) -> int:
+    if len(prog) >= _MAX_PROGRAM:
+        raise PatternError(f"too complex (over {_MAX_PROGRAM} NFA states once repeats unroll)")
+    prog.append(list(ins))
+    return len(prog) - 1
+
+
+def _compile_seq(prog: _Program, items: Any) -> None:
+    for op, av in items:
+        _compile_item(prog, op, av)
+
+
+def _compile_item(prog: _Program, op: Any, av: Any) -> None:
+    if op == _sre.LITERAL:
+        _emit(prog, "char", functools.partial(str.__eq__, chr(av)))
+    elif op == _sre.NOT_LITERAL:
+        _emit(prog, "char", functools.partial(str.__ne__, chr(av)))
+    elif op == _sre.ANY:
+        _emit(prog, "char", lambda ch: ch != "\n")
+    elif op == _sre.IN:
+        _emit(prog, "char", _char_class(av))
+    elif op == _sre.AT and av in _ASSERTIONS:
+        _emit(prog, "at", av)
+    elif op == _sre.SUBPATTERN:
+        _group, add_flags, del_flags, body = av
+        if add_flags or del_flags:
+            raise PatternError("inline flags in a group are not supported")
+        _compile_seq(prog, body)
+    elif op == _sre.BRANCH:
+        jumps = []
+        alts = av[1]
+        for i, alt in enumerate(alts):
+            if i == len(alts) - 1:
+                _compile_seq(prog, alt)
+                break
+            split = _emit(prog, "split", len(prog) + 1, None)
+            _compile_seq(prog, alt)
+            jumps.append(_emit(prog, "jmp", None))
+            prog[split][2] = len(prog)
+        for j in jumps:
+            prog[j][1] = len(prog)
+    elif op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT):  # greedy or lazy: the same set of matches
+        lo, hi, body = av
+        for _ in range(min(lo, _MAX_PROGRAM + 1)):
+            _compile_seq(prog, body)
+        if hi == _sre.MAXREPEAT:
+            split = _emit(prog, "split", len(prog) + 1, None)
+            _compile_seq(prog, body)
+            _emit(prog, "jmp", split)
+            prog[split][2] = len(prog)
+        else:
+            splits = []
+            for _ in range(min(hi - lo, _MAX_PROGRAM + 1)):
+                splits.append(_emit(prog, "split", len(prog) + 1, None))
+                _compile_seq(prog, body)
+            for sp in splits:
+                prog[sp][2] = len(prog)
+    else:
+        raise PatternError(f"unsupported regex feature {str(op).lower()}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _key_program(key: str) -> _Program:
+    """The NFA of PEFT's full pattern ``(.*\\.)?({key})$`` for one key."""
+    if not isinstance(key, str):
+        raise PatternError(f"expected a str, got {type(key).__name__}")
+    if len(key) > _MAX_KEY_CHARS:
+        raise PatternError(f"longer than {_MAX_KEY_CHARS} characters")
+    try:
+        parsed = _sre.parse(rf"(.*\.)?({key})$")
+    except re.error as e:
+        raise PatternError(f"not a valid regex ({e})") from None
+    if parsed.state.flags & ~_OK_FLAGS:
+        raise PatternError("inline flags other than (?x) are not supported")
+    prog: _Program = []
+    _compile_seq(prog, parsed)
+    _emit(prog, "match")
+    return prog
+
+
+def _closure(prog: _Program, pcs: list[int], s: str, pos: int) -> list[int]:
+    """The ``char``/``match`` instructions reachable from ``pcs`` without reading a character."""
+    out, seen, stack = [], set(), list(reversed(pcs))
+    while stack:
+        pc = stack.pop()
+        if pc in seen:
+            continue
+        seen.add(pc)
+        ins = prog[pc]
+        if ins[0] == "jmp":
+            stack.append(ins[1])
+        elif ins[0] == "split":
+            stack += (ins[2], ins[1])
+        elif ins[0] == "at":
+            if _at(ins[1], s, pos):
+                stack.append(pc + 1)
+        else:
+            out.append(pc)
+    return out
+
+
+def _run(prog: _Program, s: str) -> bool:
+    """Whether ``re.match`` of the program's pattern finds a match in ``s`` (anchored at 0)."""
+    current = _closure(prog, [0], s, 0)
+    for pos in range(len(s) + 1):
+        if any(prog[pc][0] == "match" for pc in current):
+            return True
+        if pos == len(s) or not current:
+            return False
+        ch = s[pos]
+        step = [pc + 1 for pc in current if prog[pc][0] == "char" and prog[pc][1](ch)]
+        current = _closure(prog, step, s, pos + 1)
+    return False
 
 
 def _check_config(cfg: dict[str, Any], cfg_file: Path) -> None:
@@ -127,21 +328,86 @@ def _check_config(cfg: dict[str, Any], cfg_file: Path) -> None:
                 "(plain LoRA only)"
             )
     r = cfg.get("r")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+    if not _is_int(r) or r < 1:
         raise AdapterError(f"{cfg_file}: key 'r': expected an int >= 1, got {r!r}")
+    if "lora_alpha" in cfg and not _is_alpha(cfg["lora_alpha"]):
+        raise AdapterError(
+            f"{cfg_file}: key 'lora_alpha': expected a finite number (a float32), got "
+            f"{cfg['lora_alpha']!r}"
+        )
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise AdapterError(
+            f"{cfg_file}: key 'use_rslora': expected true or false, got {cfg['use_rslora']!r}"
+        )
+    for name, ok, what in (("rank_pattern", _is_rank, "an int >= 1"),
+                           ("alpha_pattern", _is_alpha, "a finite number (a float32)")):  # fmt: skip
+        patterns = cfg.get(name) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterError(
+                f"{cfg_file}: key {name!r}: expected an object pattern -> value, got {patterns!r}"
+            )
+        for key, value in patterns.items():
+            try:
+                _key_program(key)
+            except PatternError as e:
+                raise AdapterError(f"{cfg_file}: key {name}[{key!r}]: {e}") from None
+            if not ok(value):
+                raise AdapterError(
+                    f"{cfg_file}: key {name}[{key!r}]: expected {what}, got {value!r}"
+                )
+
+
+_F32_MAX = 3.4028234663852886e38
+
+
+def _is_int(v: Any) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_rank(v: Any) -> bool:
+    return _is_int(v) and v >= 1
+
+
+def _is_alpha(v: Any) -> bool:
+    """A finite number the bank's float32 ``scaling`` can hold (NaN, inf and 1e308 cannot)."""
+    return (
+        isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+        and abs(v) <= _F32_MAX
+    )
+
+
+def load_tensors(file: Path, error: type[ValueError]) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file on the CPU; an unreadable, truncated or empty file raises
+    ``error`` naming it (safetensors' own error names neither the file nor the problem's place)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except Exception as e:  # SafetensorError, OSError, ...: one error type for callers
+        raise error(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def check_finite(file: Path, key: str, t: Tensor, error: type[ValueError]) -> None:
+    """``error`` naming the file and key when ``t`` is not floating point or holds NaN/inf."""
+    if not t.is_floating_point():
+        raise error(f"{file}: key {key!r}: expected floating-point values, got {t.dtype}")
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise error(f"{file}: key {key!r}: holds {bad} NaN or infinite values")
 
 
 def read_adapter(path: str | Path) -> LoraAdapter:
-    """Read a PEFT LoRA adapter folder (config and safetensors weights) onto the CPU."""
-    from safetensors.torch import load_file
-
+    """Read a PEFT LoRA adapter folder (config and safetensors weights) onto the CPU; every value
+    is checked (an :class:`AdapterError` names the file and key)."""
     path = Path(path)
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
         raise AdapterError(f"{cfg_file}: not found (expected a PEFT adapter folder)")
     try:
         cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{cfg_file}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise AdapterError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
@@ -151,7 +417,7 @@ def read_adapter(path: str | Path) -> LoraAdapter:
         other = " (found adapter_model.bin: only safetensors is supported)" if (
             path / "adapter_model.bin").is_file() else ""  # fmt: skip
         raise AdapterError(f"{w_file}: not found{other}")
-    tensors = load_file(str(w_file))
+    tensors = load_tensors(w_file, AdapterError)
     adapter = LoraAdapter(path=path, config=cfg)
     halves: dict[str, dict[str, tuple[str, Tensor]]] = {}
     for key in tensors:  # the specific unsupported features first, then anything unknown
@@ -171,10 +437,11 @@ def read_adapter(path: str | Path) -> LoraAdapter:
             raise AdapterError(
                 f"{w_file}: key {key!r}: expected a 2-D matrix, got shape {list(t.shape)}"
             )
+        check_finite(w_file, key, t, AdapterError)
         halves.setdefault(m["module"], {})[m["ab"]] = (key, t)
     rank_pattern = cfg.get("rank_pattern") or {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
-    rslora = bool(cfg.get("use_rslora", False))
+    rslora = cfg.get("use_rslora", False)
     for module, ab in sorted(halves.items()):
         for half in ("A", "B"):
             if half not in ab:
@@ -185,7 +452,7 @@ def read_adapter(path: str | Path) -> LoraAdapter:
         (key_a, a), (key_b, b) = ab["A"], ab["B"]
         rk = pattern_key(rank_pattern, module)
         ak = pattern_key(alpha_pattern, module)
-        r = int(rank_pattern[rk]) if rk is not None else int(cfg["r"])
+        r = int(rank_pattern[rk]) if rk is not None else int(cfg["r"])  # all checked above
         alpha = float(alpha_pattern[ak]) if ak is not None else float(cfg.get("lora_alpha", 8))
         if a.shape[0] != r:
             src = f"rank_pattern[{rk!r}]" if rk is not None else "r"
@@ -257,6 +524,10 @@ def write_adapter(
     for name, (a, b, _) in modules.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.detach().to("cpu").contiguous()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = b.detach().to("cpu").contiguous()
-    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-    (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+    # Both files or neither (personamoe._atomic): an old adapter in ``path`` stays loadable.
+    write_files({
+        path / WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+        path / CONFIG_NAME: text,
+    })  # fmt: skip
     return path

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from personamoe._atomic import write_files
 from personamoe.adapters import write_adapter
 from personamoe.integrations.bank_format import (
     BANK_CONFIG,
@@ -54,7 +55,6 @@ def save_bank(model: nn.Module, path: str | Path) -> Path:
                         "calibrated": layer.pm_calibrated}  # fmt: skip
         for t in BANK_TENSORS:
             tensors[tensor_key(name, t)] = getattr(layer, t).detach().to("cpu").contiguous()
-    save_file(tensors, str(path / BANK_WEIGHTS), metadata={"format": BANK_FORMAT})
     meta = {
         "format": BANK_FORMAT,
         "experts": list(st.experts),
@@ -68,7 +68,12 @@ def save_bank(model: nn.Module, path: str | Path) -> Path:
         "base_model_name_or_path": _model_name(model),
         "layers": layers,
     }
-    (path / BANK_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    text = json.dumps(meta, indent=2) + "\n"  # fails (unserializable config) before any write
+    # Both files or neither: a reader never sees new weights beside an old or truncated config.
+    write_files({
+        path / BANK_WEIGHTS: lambda p: save_file(tensors, str(p), metadata={"format": BANK_FORMAT}),
+        path / BANK_CONFIG: text,
+    })  # fmt: skip
     return path
 
 

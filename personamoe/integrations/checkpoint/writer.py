@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from personamoe._atomic import replace_dir, temp_sibling, write_text
 from personamoe.integrations.bank_format import BANK_WEIGHTS
 from personamoe.integrations.checkpoint.section import FORMAT, SECTION, read_section
 
@@ -60,7 +61,7 @@ def _write_index(out: Path) -> None:
     for file in sorted(out.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             weight_map.update({k: file.name for k in f.keys()})  # noqa: SIM118
-    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
+    write_text(index, json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
 
 
 def export(
@@ -86,21 +87,54 @@ def export(
         raise FileNotFoundError(
             f"{base / 'config.json'}: not found (expected a transformers model folder)"
         )
-    if out.resolve() == base.resolve():
-        raise ValueError(f"out: {out} is the base folder; choose another folder")
+    _check_out(base, out)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto")
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)  # the base weights, before injecting
-    _write_index(out)
-    for name in _TOKENIZER_FILES:
-        if (base / name).is_file():
-            shutil.copyfile(base / name, out / name)
+    # The base weights by name: inject keeps their Parameters and names, so they are saved below
+    # from the injected model without its banks.
+    base_state = model.state_dict()
+    # Every adapter is read and checked before anything is written.
     inject(model, dict(adapters), target_modules=target_modules, top_k=top_k, temperature=temperature,
            normalize=normalize, calibration=calibration)  # fmt: skip
-    save_bank(model, out)
-    cfg_file = out / "config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg[SECTION] = _section(model, top_k, normalize, temperature, calibration)
-    read_section(cfg, cfg_file)  # what we write must read back
-    cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+    section = _section(model, top_k, normalize, temperature, calibration)
+    # The whole checkpoint is built in a sibling folder and swapped in once complete: a failed
+    # export (bad adapter, full disk) leaves an earlier export in ``out`` as it was.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(out, ".tmp", folder=True)
+    try:
+        model.save_pretrained(str(tmp), state_dict=base_state, safe_serialization=True)
+        _write_index(tmp)
+        for name in _TOKENIZER_FILES:
+            if (base / name).is_file():
+                shutil.copyfile(base / name, tmp / name)
+        save_bank(model, tmp)
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg[SECTION] = section
+        read_section(cfg, out / "config.json")  # what we write must read back
+        write_text(tmp / "config.json", json.dumps(cfg, indent=2) + "\n")
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
+
+
+def _check_out(base: Path, out: Path) -> None:
+    """``out`` is replaced as a whole, so it must be new, empty, or an earlier export (never a
+    folder holding anything else, nor the base model's)."""
+    if out.resolve() == base.resolve() or out.resolve() in base.resolve().parents:
+        raise ValueError(f"out: {out} holds the base folder {base}; choose another folder")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"out: {out} is not a folder")
+    if not any(out.iterdir()):
+        return
+    try:
+        earlier = SECTION in json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        earlier = False
+    if not earlier:
+        raise ValueError(
+            f"out: {out} is neither empty nor an earlier export (its config.json has no "
+            f"'{SECTION}' section); the export replaces the whole folder, so choose another one"
+        )
