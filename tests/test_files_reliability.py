@@ -328,3 +328,240 @@ def test_unmatchable_pattern_keys_name_file_and_key(tmp_path: Path, key: str, wh
     with pytest.raises(AdapterError, match=why) as info:
         read_adapter(src)
     assert str(src / CONFIG_NAME) in str(info.value) and "rank_pattern[" in str(info.value)
+
+
+# -- findings 9, 10, 11: every load checks every value first ---------------------------------------
+
+
+def _adapter_with(tmp_path: Path, **cfg_changes: Any) -> Path:
+    src = tmp_path / "ad"
+    g = torch.Generator().manual_seed(0)
+    write_adapter(src, {"m.q": (torch.randn(2, 8, generator=g), torch.randn(4, 2, generator=g), 1.0),
+                        "m.k": (torch.randn(2, 8, generator=g), torch.randn(4, 2, generator=g), 1.0)})  # fmt: skip
+    f = src / CONFIG_NAME
+    cfg = json.loads(f.read_text())
+    cfg.update(cfg_changes)
+    f.write_text(json.dumps(cfg))  # json writes NaN / Infinity, as Python's json reads them
+    return src
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [({"lora_alpha": float("nan")}, "'lora_alpha'"), ({"lora_alpha": float("inf")}, "'lora_alpha'"),
+     ({"lora_alpha": 1e308}, "'lora_alpha'"), ({"lora_alpha": "eight"}, "'lora_alpha'"),
+     ({"alpha_pattern": {"q": float("nan")}}, "alpha_pattern['q']"),
+     ({"rank_pattern": {"q": "("}}, "rank_pattern['q']"),
+     ({"rank_pattern": {"q": 0}}, "rank_pattern['q']"),
+     ({"rank_pattern": ["q"]}, "'rank_pattern'"), ({"use_rslora": "no"}, "'use_rslora'")],
+)  # fmt: skip
+def test_bad_adapter_config_values_name_file_and_key(
+    tmp_path: Path, changes: dict[str, Any], key: str
+) -> None:
+    from personamoe.adapters import AdapterError
+
+    src = _adapter_with(tmp_path, **changes)
+    with pytest.raises(AdapterError) as info:
+        read_adapter(src)
+    assert str(src / CONFIG_NAME) in str(info.value) and key in str(info.value)
+
+
+@pytest.mark.parametrize("how", ["nan", "int", "truncated", "empty"])
+def test_bad_adapter_weights_name_the_file(tmp_path: Path, how: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from personamoe.adapters import AdapterError
+
+    src = _adapter_with(tmp_path)
+    w = src / WEIGHTS_NAME
+    if how in ("nan", "int"):
+        sd = load_file(str(w))
+        key = "base_model.model.m.q.lora_A.weight"
+        sd[key] = sd[key].clone()
+        if how == "nan":
+            sd[key][0, 0] = float("nan")
+        else:
+            sd[key] = sd[key].to(torch.int32)
+        save_file(sd, str(w))
+    else:
+        w.write_bytes(w.read_bytes()[:60] if how == "truncated" else b"")
+    with pytest.raises(AdapterError, match=str(w)) as info:
+        read_adapter(src)
+    if how in ("nan", "int"):
+        assert "m.q.lora_A" in str(info.value)
+
+
+def test_fresh_bank_alpha_must_be_finite() -> None:
+    with pytest.raises(ValueError, match="lora_alpha"):
+        personamoe.inject(_mlp(), 2, rank=2, lora_alpha=float("nan"))
+
+
+def _saved_bank(tmp_path: Path) -> Path:
+    model = _bank_model(seed=0)
+    personamoe.add_persona(model, personamoe.Persona("calm", allow=["expert_0"]))
+    return personamoe.save_bank(model, tmp_path / "good")
+
+
+def _edit_json(src: Path, dst: Path, fn: Callable[[dict[str, Any]], Any]) -> Path:
+    shutil.copytree(src, dst)
+    f = dst / BANK_CONFIG
+    meta = json.loads(f.read_text())
+    fn(meta)
+    f.write_text(json.dumps(meta))
+    return dst
+
+
+def _edit_tensor(
+    src: Path, dst: Path, key: str, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    f = dst / BANK_WEIGHTS
+    sd = load_file(str(f))
+    sd[key] = fn(sd[key].clone()).contiguous()
+    save_file(sd, str(f))
+    return dst
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def edit(meta: dict[str, Any]) -> None:
+        *parents, last = path.split("/")
+        d = meta
+        for p in parents:
+            d = d[p]
+        if value is KeyError:
+            del d[last]
+        else:
+            d[last] = value
+
+    return edit
+
+
+def _nan_at(t: torch.Tensor) -> torch.Tensor:
+    t.view(-1)[0] = float("nan")
+    return t
+
+
+_BAD_JSON = {
+    "top_k 99": (_set("options/top_k", 99), "options.top_k"),
+    "temperature nan": (_set("options/temperature", float("nan")), "options.temperature"),
+    "no options": (_set("options", KeyError), "'options'"),
+    "no top_k": (_set("options/top_k", KeyError), "options.top_k"),
+    "rank 0": (_set("layers/0/rank", 0), "layers.0.rank"),
+    "rank 3e6": (_set("layers/0/rank", 3_000_000), "'0.lora_A'"),
+    "rank str": (_set("layers/0/rank", "4"), "layers.0.rank"),
+    "experts twice": (_set("experts", ["expert_0", "expert_0"]), "'experts'"),
+    "routing": (_set("routing", "psychic"), "'routing'"),
+    "weights nan": (_set("default_weights/expert_0", float("nan")), "'default_weights'"),
+    "persona unknown expert": (
+        _set("personas", [{"name": "x", "allow": ["nobody"]}]),
+        "personas[0]",
+    ),
+    "persona no name": (_set("personas", [{"allow": ["expert_0"]}]), "personas[0]"),
+    "layer missing module": (_set("layers/9", {"rank": 4}), "'9.lora_A'"),
+    "layer not linear": (_set("layers/1", {"rank": 4}), "'1.lora_A'"),
+}
+_BAD_TENSORS = {
+    "lora_A nan": ("0.lora_A", _nan_at),
+    "lora_B inf": ("2.lora_B", lambda t: t.fill_(float("inf"))),
+    "scaling nan": ("0.scaling", _nan_at),
+    "calibration 0": ("0.calibration", lambda t: t.zero_()),
+    "rank too large": ("0.pm_rank", lambda t: t.fill_(9)),
+    "lora_A shape": ("0.lora_A", lambda t: t[:, :2]),
+    "lora_A missing": ("0.lora_A", None),
+}
+
+
+def _assert_untouched(model: nn.Module, before: nn.Module) -> None:
+    assert [type(m) for m in model.modules()] == [type(m) for m in before.modules()]
+    sd, sd0 = model.state_dict(), before.state_dict()
+    assert sd.keys() == sd0.keys() and all(torch.equal(sd[k], sd0[k]) for k in sd)
+    assert [p.requires_grad for p in model.parameters()] == [
+        p.requires_grad for p in before.parameters()
+    ]
+    assert not model._forward_pre_hooks
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_JSON) + sorted(_BAD_TENSORS) + ["invalid json"])
+def test_failed_load_bank_names_file_and_key_and_leaves_the_model(
+    tmp_path: Path, case: str
+) -> None:
+    import copy
+
+    good = _saved_bank(tmp_path)
+    bad = tmp_path / "bad"
+    if case in _BAD_JSON:
+        edit, key = _BAD_JSON[case]
+        _edit_json(good, bad, edit)
+        # Keys of tensors ('<module>.lora_A') are reported against the weights file.
+        file = bad / (BANK_WEIGHTS if key.endswith(".lora_A'") else BANK_CONFIG)
+    elif case == "invalid json":
+        shutil.copytree(good, bad)
+        (bad / BANK_CONFIG).write_text('{"format": "personamoe-bank/1", ')
+        key, file = "not valid JSON", bad / BANK_CONFIG
+    else:
+        key, fn = _BAD_TENSORS[case]
+        if fn is None:
+            from safetensors.torch import load_file, save_file
+
+            shutil.copytree(good, bad)
+            sd = load_file(str(bad / BANK_WEIGHTS))
+            del sd[key]
+            save_file(sd, str(bad / BANK_WEIGHTS))
+        else:
+            _edit_tensor(good, bad, key, fn)
+        file = bad / BANK_WEIGHTS
+    model = _mlp()
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError) as info:
+        personamoe.load_bank(model, bad)
+    msg = str(info.value)
+    assert str(file) in msg and key.strip("'") in msg, msg
+    _assert_untouched(model, before)
+    personamoe.load_bank(model, good)  # a retry with a good bank succeeds
+    assert len(list(personamoe.integrations.layers.persona_layers(model))) == 2
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty"])
+def test_corrupt_bank_weights_name_the_file(tmp_path: Path, how: str) -> None:
+    good = _saved_bank(tmp_path)
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    w = bad / BANK_WEIGHTS
+    w.write_bytes(w.read_bytes()[:50] if how == "truncated" else b"")
+    with pytest.raises(ValueError, match=str(w)):
+        personamoe.load_bank(_mlp(), bad)
+
+
+def test_failure_while_installing_rolls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even an unexpected error after the layers are in (here: while copying the personas) leaves
+    the model as it was."""
+    import copy
+
+    good = _saved_bank(tmp_path)
+    model = _mlp()
+    before = copy.deepcopy(model)
+    from personamoe.integrations import bank
+
+    def boom(d: Any) -> Any:
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(bank.Persona, "from_dict", staticmethod(boom))
+    with pytest.raises((RuntimeError, ValueError)):
+        personamoe.load_bank(model, good)
+    monkeypatch.undo()
+    _assert_untouched(model, before)
+    personamoe.load_bank(model, good)
+
+
+def test_float_persona_ids_are_refused() -> None:
+    model = _bank_model()
+    personamoe.add_persona(model, personamoe.Persona("calm", allow=["expert_0"]))
+    layer = model.get_submodule("0")
+    x = torch.randn(3, 64)
+    layer(x, persona_ids=torch.tensor([0, -1, 0]))
+    for ids in (torch.tensor([0.7, -1.0, 0.0]), torch.tensor([True, False, True])):
+        with pytest.raises(TypeError, match="persona_ids: expected an integer tensor"):
+            layer(x, persona_ids=ids)

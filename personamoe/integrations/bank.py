@@ -4,6 +4,7 @@ plain PEFT adapter (:func:`export_expert`)."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,19 +13,29 @@ import torch
 from torch import Tensor, nn
 
 from personamoe._atomic import write_files
-from personamoe.adapters import write_adapter
+from personamoe.adapters import check_finite, load_tensors, write_adapter
 from personamoe.integrations.bank_format import (
+    AVAILABLE,
     BANK_CONFIG,
     BANK_FORMAT,
     BANK_TENSORS,
     BANK_WEIGHTS,
+    CALIBRATION,
     LORA_A,
+    LORA_B,
+    RANK,
+    SCALING,
     tensor_key,
 )
-from personamoe.integrations.install import install_layers, train_only_the_bank
-from personamoe.integrations.layers import persona_layers
+from personamoe.integrations.install import (
+    install_layers,
+    restore_on_error,
+    train_only_the_bank,
+)
+from personamoe.integrations.layers import layer_class_for, persona_layers
 from personamoe.integrations.model_personas import refresh, state_of
 from personamoe.integrations.modes import merge
+from personamoe.options import CALIBRATIONS, ROUTING_MODES, check_choice, check_routing_options
 from personamoe.personas import Persona, PersonaState
 
 __all__ = ["BankFiles", "export_expert", "install_bank", "load_bank", "read_bank", "save_bank"]
@@ -89,19 +100,143 @@ class BankFiles:
 
 
 def read_bank(path: str | Path, weights: str = BANK_WEIGHTS) -> BankFiles:
-    """Read the bank in the folder ``path`` once (``weights``: the safetensors file's name)."""
-    from safetensors.torch import load_file
+    """Read the bank in the folder ``path`` once (``weights``: the safetensors file's name).
 
+    The JSON is checked in full here (:func:`_check_meta`), the tensors against a model by
+    :func:`install_bank`; every error is a ``ValueError`` naming the file and the key."""
     path = Path(path)
     cfg_file, w_file = path / BANK_CONFIG, path / weights
     if not cfg_file.is_file() or not w_file.is_file():
         raise FileNotFoundError(f"{path}: expected {BANK_CONFIG} and {weights} (save_bank)")
-    meta = json.loads(cfg_file.read_text())
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{cfg_file}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != BANK_FORMAT:
         raise ValueError(
             f"{cfg_file}: key 'format': expected {BANK_FORMAT!r}, got {meta.get('format')!r}"
         )
-    return BankFiles(cfg_file, w_file, meta, load_file(str(w_file)))
+    _check_meta(cfg_file, meta)
+    return BankFiles(cfg_file, w_file, meta, load_tensors(w_file, ValueError))
+
+
+def _err(file: Path, key: str, msg: str) -> ValueError:
+    return ValueError(f"{file}: key {key!r}: {msg}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_meta(file: Path, meta: dict[str, Any]) -> None:
+    """Every key of ``personamoe_bank.json`` that loading reads, before anything is built."""
+    for key in ("experts", "routing", "options", "layers"):
+        if key not in meta:
+            raise _err(file, key, "missing")
+    experts = meta["experts"]
+    if (
+        not isinstance(experts, list)
+        or not experts
+        or not all(isinstance(e, str) and e for e in experts)
+        or len(set(experts)) != len(experts)
+    ):
+        raise _err(file, "experts", f"expected a non-empty list of unique names, got {experts!r}")
+    if meta["routing"] not in ROUTING_MODES:
+        raise _err(file, "routing", f"expected one of {ROUTING_MODES}, got {meta['routing']!r}")
+    opts = meta["options"]
+    if not isinstance(opts, dict):
+        raise _err(file, "options", f"expected an object, got {opts!r}")
+    for key in ("top_k", "temperature", "normalize"):
+        if key not in opts:
+            raise _err(file, f"options.{key}", "missing")
+    try:
+        check_routing_options(opts["top_k"], len(experts), opts["temperature"], opts["normalize"],
+                              experts="the number of experts")  # fmt: skip
+        check_choice("calibration", opts.get("calibration", "none"), CALIBRATIONS)
+    except ValueError as e:  # "<option>: <what is wrong>"
+        option, _, msg = str(e).partition(": ")
+        raise _err(file, f"options.{option}", msg) from None
+    weights = meta.get("default_weights")
+    ok = isinstance(weights, dict) and all(
+        k in experts and _is_number(v) for k, v in weights.items()
+    )
+    if weights is not None and not ok:
+        raise _err(
+            file, "default_weights", f"expected expert name -> finite number, got {weights!r}"
+        )
+    personas = meta.get("personas") or []
+    if not isinstance(personas, list):
+        raise _err(file, "personas", f"expected a list, got {personas!r}")
+    probe = PersonaState(experts, "token", None)
+    for i, d in enumerate(personas):
+        try:
+            if not isinstance(d, dict):
+                raise TypeError(f"expected an object, got {d!r}")
+            probe.check(Persona.from_dict(d))
+        except (ValueError, TypeError, KeyError) as e:
+            raise _err(file, f"personas[{i}]", str(e)) from None
+    configs = meta.get("adapter_configs")
+    if configs is not None and not isinstance(configs, dict):
+        raise _err(file, "adapter_configs", f"expected an object, got {configs!r}")
+    layers = meta["layers"]
+    if not isinstance(layers, dict) or not layers:
+        raise _err(file, "layers", f"expected a non-empty object module -> info, got {layers!r}")
+    for name, info in layers.items():
+        if not isinstance(info, dict):
+            raise _err(file, f"layers.{name}", f"expected an object, got {info!r}")
+        r = info.get("rank")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise _err(file, f"layers.{name}.rank", f"expected an int >= 1, got {r!r}")
+        for flag in ("conv1d", "calibrated"):
+            if not isinstance(info.get(flag, False), bool):
+                raise _err(
+                    file, f"layers.{name}.{flag}", f"expected true/false, got {info[flag]!r}"
+                )
+
+
+def _check_tensors(model: nn.Module, bank: BankFiles) -> None:
+    """Each layer's bank tensors against the JSON and the model's module: present, of the right
+    shape and dtype, finite; ranks in range; calibration > 0. Nothing is allocated before."""
+    meta, tensors, file = bank.meta, bank.tensors, bank.weights_file
+    E = len(meta["experts"])
+    for name, info in meta["layers"].items():
+        r = info["rank"]
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise _err(
+                file, tensor_key(name, LORA_A), f"the model has no module {name!r}"
+            ) from None
+        cls = layer_class_for(module)
+        if cls is None:
+            raise _err(file, tensor_key(name, LORA_A), f"module {name!r} is a "
+                       f"{type(module).__name__}, which cannot hold persona experts")  # fmt: skip
+        d_in, d_out, _ = cls.base_of(module)
+        want = {LORA_A: (E, r, d_in), LORA_B: (E, d_out, r), SCALING: (E,), CALIBRATION: (E,),
+                AVAILABLE: (E,), RANK: (E,)}  # fmt: skip
+        got: dict[str, Tensor] = {}
+        for t in BANK_TENSORS:
+            key = tensor_key(name, t)
+            if key not in tensors:
+                raise ValueError(f"{file}: missing key {key!r}")
+            if tuple(tensors[key].shape) != want[t]:
+                raise _err(file, key, f"expected shape {list(want[t])} (E={E}, rank {r} from "
+                           f"{BANK_CONFIG}, the model's layer), got {list(tensors[key].shape)}")  # fmt: skip
+            got[t] = tensors[key]
+        for t in (LORA_A, LORA_B, SCALING, CALIBRATION):
+            check_finite(file, tensor_key(name, t), got[t], ValueError)
+        if not bool((got[CALIBRATION] > 0).all()):
+            raise _err(file, tensor_key(name, CALIBRATION),
+                       f"expected values > 0, got {got[CALIBRATION].tolist()}")  # fmt: skip
+        avail, ranks = got[AVAILABLE], got[RANK]
+        if avail.dtype != torch.bool or ranks.is_floating_point() or ranks.dtype == torch.bool:
+            raise _err(file, tensor_key(name, AVAILABLE), "expected a bool mask and int ranks, got "
+                       f"{avail.dtype} and {ranks.dtype}")  # fmt: skip
+        if not bool(avail.any()) or bool(((ranks[avail] < 1) | (ranks[avail] > r)).any()):
+            raise _err(file, tensor_key(name, RANK), f"expected ranks in 1..{r} for the available "
+                       f"experts {avail.tolist()} (at least one), got {ranks.tolist()}")  # fmt: skip
 
 
 def load_bank(model: M, path: str | Path, *, freeze_base: bool = True) -> M:
@@ -110,45 +245,35 @@ def load_bank(model: M, path: str | Path, *, freeze_base: bool = True) -> M:
 
 
 def install_bank(model: M, bank: BankFiles, *, freeze_base: bool = True) -> M:
-    """Inject a bank already read by :func:`read_bank` into the base ``model`` (in place)."""
-    meta, tensors, w_file = bank.meta, bank.tensors, bank.weights_file
+    """Inject a bank already read by :func:`read_bank` into the base ``model`` (in place).
+
+    Everything is checked first; a failure leaves the model as it was (so a retry can succeed)."""
+    meta, tensors = bank.meta, bank.tensors
     if any(True for _ in persona_layers(model)):
         raise ValueError("model: personamoe.inject was already applied to this model")
+    _check_meta(bank.config_file, meta)  # again: callers may have edited the meta (load_exported)
+    _check_tensors(model, bank)
     opts = meta["options"]
-    state = PersonaState(meta["experts"], meta["routing"], meta["default_weights"])
-    state.options = dict(opts)
-    state.configs = dict(meta.get("adapter_configs") or {})
-    names = {n for n, _ in model.named_modules()}
-    for name in meta["layers"]:
-        if name not in names:
-            raise ValueError(
-                f"{w_file}: key {tensor_key(name, LORA_A)!r}: the model has no module {name!r}"
-            )
     ranks = {name: int(info["rank"]) for name, info in meta["layers"].items()}
-    layers = install_layers(model, state, ranks, top_k=opts["top_k"],
-                            temperature=opts["temperature"], normalize=opts["normalize"])  # fmt: skip
-    with torch.no_grad():
-        for name, layer in layers.items():
-            for t in BANK_TENSORS:
-                key = tensor_key(name, t)
-                if key not in tensors:
-                    raise ValueError(f"{w_file}: missing key {key!r}")
-                dst = getattr(layer, t)
-                if tuple(tensors[key].shape) != tuple(dst.shape):
-                    raise ValueError(
-                        f"{w_file}: key {key!r}: expected shape {list(dst.shape)} (the model's "
-                        f"layer), got {list(tensors[key].shape)}"
-                    )
-                dst.copy_(tensors[key])
-            layer.pm_calibrated = bool(meta["layers"][name].get("calibrated", False))
-    train_only_the_bank(model, layers.values(), freeze_base=freeze_base)
-    for d in meta.get("personas") or []:
-        persona = Persona.from_dict(d)
-        state.check(persona)
-        state.registered[persona.name] = persona
-    refresh(model)
-    if meta["routing"] == "merged":
-        merge(model, state.default_weights)
+    with restore_on_error(model, ranks):
+        state = PersonaState(meta["experts"], meta["routing"], meta.get("default_weights"))
+        state.options = dict(opts)
+        state.configs = dict(meta.get("adapter_configs") or {})
+        layers = install_layers(model, state, ranks, top_k=opts["top_k"],
+                                temperature=opts["temperature"], normalize=opts["normalize"])  # fmt: skip
+        with torch.no_grad():
+            for name, layer in layers.items():
+                for t in BANK_TENSORS:
+                    getattr(layer, t).copy_(tensors[tensor_key(name, t)])
+                layer.pm_calibrated = bool(meta["layers"][name].get("calibrated", False))
+        train_only_the_bank(model, layers.values(), freeze_base=freeze_base)
+        for d in meta.get("personas") or []:
+            persona = Persona.from_dict(d)
+            state.check(persona)
+            state.registered[persona.name] = persona
+        refresh(model)
+        if meta["routing"] == "merged":
+            merge(model, state.default_weights)
     return model
 
 

@@ -10,6 +10,7 @@ targets and where each adapter goes (:mod:`.targets`), the layers (:mod:`.instal
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -125,6 +126,9 @@ def _read_experts(
             raise ValueError(f"adapters: expected a number of experts >= 1, got {adapters}")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank: expected an int >= 1 for a fresh bank, got {rank!r}")
+        ok = isinstance(lora_alpha, (int, float)) and not isinstance(lora_alpha, bool)
+        if lora_alpha is not None and not (ok and math.isfinite(lora_alpha)):
+            raise ValueError(f"lora_alpha: expected a finite number, got {lora_alpha!r}")
         return [f"expert_{i}" for i in range(adapters)], {}
     if isinstance(adapters, Mapping):
         if not adapters:

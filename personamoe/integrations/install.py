@@ -7,7 +7,8 @@ Shared by :func:`~personamoe.integrations.hf.inject` (adapters or a fresh bank) 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -16,7 +17,30 @@ from torch import Tensor, nn
 from personamoe.integrations.layers import PersonaLayer, layer_class_for
 from personamoe.personas import PersonaState
 
-__all__ = ["install_layers", "train_only_the_bank"]
+__all__ = ["install_layers", "restore_on_error", "train_only_the_bank"]
+
+
+@contextlib.contextmanager
+def restore_on_error(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
+    """If the block raises, put back the modules ``names`` of ``model``, its forward pre-hooks and
+    its parameters' ``requires_grad``: a failed load leaves the model as it was (and a retry is
+    not refused as "already applied")."""
+    originals = {name: model.get_submodule(name) for name in names}
+    hooks = dict(model._forward_pre_hooks)
+    hooks_kw = dict(model._forward_pre_hooks_with_kwargs)
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for name, module in originals.items():
+            _replace(model, name, module)
+        model._forward_pre_hooks.clear()
+        model._forward_pre_hooks.update(hooks)
+        model._forward_pre_hooks_with_kwargs.clear()
+        model._forward_pre_hooks_with_kwargs.update(hooks_kw)
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        raise
 
 
 def install_layers(

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from personamoe.adapters import check_finite
 from personamoe.integrations.bank_format import (
     AVAILABLE,
     BANK_TENSORS,
@@ -71,7 +72,14 @@ def read_bank_tensors(
             f"{out[SCALING].tolist()}"
         )
     _check_declared(section, target, ranks, scaling, out)
+    for t in (LORA_A, LORA_B):  # a NaN factor would turn every routed token into NaN
+        check_finite(file, tensor_key(target, t), out[t], ExportError)
     calibration = out[CALIBRATION].float() if section.calibration == "frobenius" else torch.ones(E)
+    if not bool((torch.isfinite(calibration) & (calibration > 0)).all()):
+        raise ExportError(
+            f"{file}: key {tensor_key(target, CALIBRATION)!r}: expected finite values > 0, got "
+            f"{out[CALIBRATION].tolist()}"
+        )
     return {
         "lora_A": a,
         "lora_B": b,

@@ -56,7 +56,13 @@ def load_exported(path: str | Path, **from_pretrained: Any) -> nn.Module:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file}: not found")
-    section = read_section(json.loads(cfg_file.read_text()), cfg_file)
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ExportError(f"{cfg_file}: expected a JSON object, got {type(config).__name__}")
+    section = read_section(config, cfg_file)
     if not section.bank_file().is_file():
         raise ExportError(f"{cfg_file}: key '{SECTION}.bank': {section.bank_file()} not found")
     bank = read_bank(path, section.bank)  # the one read of the bank file
