@@ -178,6 +178,11 @@ class PersonaLayer(PersonaMoELinear):
             rows_b = self._request_rows(st, lead, x.device)
             rows = None if rows_b is None else _per_token(rows_b, lead)
             return _Batch(rows, st.has_fixed, st.has_route)
+        dtype = persona_ids.dtype if isinstance(persona_ids, Tensor) else None
+        if dtype is None or dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+            # A cast would truncate 0.7 to persona 0 silently.
+            what = persona_ids.dtype if isinstance(persona_ids, Tensor) else type(persona_ids)
+            raise TypeError(f"persona_ids: expected an integer tensor, got {what}")
         given = persona_ids.to(device=x.device, dtype=torch.long) + 1
         n_rows = 1 + len(st.registered)
         if not torch.compiler.is_compiling() and given.numel():
