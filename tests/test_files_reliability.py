@@ -565,3 +565,18 @@ def test_float_persona_ids_are_refused() -> None:
     for ids in (torch.tensor([0.7, -1.0, 0.0]), torch.tensor([True, False, True])):
         with pytest.raises(TypeError, match="persona_ids: expected an integer tensor"):
             layer(x, persona_ids=ids)
+
+
+def test_load_exported_refuses_nan_factors(exported: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from personamoe.integrations.export import load_exported
+
+    out = _copy_export(exported, tmp_path)
+    f = out / BANK_WEIGHTS
+    sd = load_file(str(f))
+    key = next(k for k in sd if k.endswith(".lora_B"))
+    sd[key] = _nan_at(sd[key].clone())
+    save_file(sd, str(f))
+    with pytest.raises(ValueError, match=rf"{f}: key '{key}'"):
+        load_exported(out)
