@@ -76,7 +76,10 @@ def export(
     target_modules: str | Sequence[str] | None = None,
 ) -> Path:
     """Write the servable checkpoint of ``base`` (a transformers causal-LM folder) with one expert
-    per PEFT adapter folder of ``adapters`` (``name -> folder``) to the folder ``out``."""
+    per PEFT adapter folder of ``adapters`` (``name -> folder``) to the folder ``out``.
+
+    ``out`` must be new, empty or an earlier export: it is replaced as a whole, and only once the
+    new checkpoint is complete (a failed export leaves the earlier one loadable)."""
     from transformers import AutoModelForCausalLM
 
     from personamoe.integrations.bank import save_bank
