@@ -2,7 +2,8 @@
 
 Flow (token mode):
 
-1. ``shrink_parts(x, A)``: ``[S, T, E*r]`` fp32 split-K partials (``S = 1`` at large T).
+1. ``shrink_parts(x, A)``: ``[S, T, E*r]`` fp32 split-K partials (``S = 1`` above about 2k
+   tokens; below, splits fill two waves of the SMs with partials bounded by the bytes of ``x``).
 2. ``route``: sums the partials in split order into ``h`` (deterministic, no atomics), then scores,
    top-k, gates and ``coef [T, E]`` (gate * scaling per expert), in one kernel.
 3. base + mix, one of two ways (``BASE_MODE``):
@@ -11,7 +12,10 @@ Flow (token mode):
    - ``"fused"``: one Triton GEMM writes ``y = x @ W^T + b + mix`` (the mix as extra K steps, ``y``
      written once).
    ``auto`` takes ``fused`` for T >= ``FUSED_MIN_TOKENS`` (large T, where re-reading ``y`` costs
-   most) and ``torch`` below (where cuBLAS's GEMV-like kernels stream ``W`` best).
+   most) and ``torch`` below (where cuBLAS's GEMV-like kernels stream ``W`` best). The fused
+   GEMM's tile is the largest whose grid covers the SMs (``mix._mix_tiles``: 64x128 at T=512,
+   d_out=2048, 128 programs), walked in a GROUP_M swizzle for L2 reuse; the crossover stays
+   ``FUSED_MIN_TOKENS`` until ``benchmarks/gpu_check.py`` measures T=512/1024/2048.
 4. the mix regime (``MIX_REGIME``): ``dense`` (masked over ``E*r``, experts with zero coefficient
    in a tile skipped) or ``grouped`` (pairs sorted by expert, then summed in the epilogue).
    ``auto`` takes ``grouped`` when T > ``DENSE_MAX_TOKENS`` and ``E*r > DENSE_MAX_ER_PER_K * k``.

@@ -3,8 +3,9 @@
 Two kernels, each with a thin host launcher:
 
 - ``_shrink_kernel``: one GEMM of ``x [T, d_in]`` against ``A`` viewed as ``[E*r, d_in]`` with fp32
-  accumulation into ``h [T, E*r]`` fp32. Split-K when T is small and the ``E*r`` columns alone give
-  too few programs; plain tiles otherwise. Each K split stores its own partial ``[S, T, E*r]``
+  accumulation into ``h [T, E*r]`` fp32. Split-K whenever the tiles alone give too few programs to
+  fill the chip (decode, and prefill up to about 2k tokens; ``shrink_config`` says how the tiles and
+  splits are chosen, from the shapes and the device's ``configs.TileConfig``). Each K split stores its own partial ``[S, T, E*r]``
   (never atomics: fp32 atomic adds land in arrival order, so the last bits of ``h`` and with them
   near-tie routing would change from run to run, and exact ties would not reliably go to the lower
   index); the route kernel, which reads all of ``h`` anyway, sums the partials in split order and
@@ -19,9 +20,13 @@ Two kernels, each with a thin host launcher:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from personamoe.kernels import configs
+from personamoe.kernels.configs import TileConfig
 
 __all__ = ["route", "shrink", "shrink_config", "shrink_parts"]
 
@@ -75,21 +80,83 @@ def _shrink_kernel(
     tl.store(h_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
-def shrink_config(T: int, N: int, K: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)`` for a shrink of ``T`` tokens, ``N = E*r``, ``K = d_in``.
+def _effective_split(K: int, bk: int, split: int) -> tuple[int, int]:
+    """``(K_PER_SPLIT, splits)``: each split a whole number of ``bk`` steps, none empty."""
+    k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
+    return k_per_split, triton.cdiv(K, k_per_split)
 
-    Small T (decode): tiles of 16x32 and split-K so that about 128 programs stream ``A`` (the
-    tuned vLLM shrink for K=4096, r=16 at small M uses BM16/BN16/BK64-128, split-K 32). Large T:
-    plain 64x64 tiles, no atomics. A function of shapes only, fixed per CUDA-graph capture.
+
+@functools.lru_cache(maxsize=4096)
+def shrink_config(
+    T: int, N: int, K: int, *, elsize: int = 2, cfg: TileConfig | None = None
+) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)`` for a shrink of ``T`` tokens, ``N = E*r``, ``K = d_in``
+    with ``elsize``-byte inputs, on the device of ``cfg`` (default: ``configs.DEFAULT``, 132 SMs).
+
+    Decode (T <= 64): 16x32 tiles and split-K until about ``shrink_decode_programs`` programs
+    stream ``A`` (the tuned vLLM shrink for K=4096, r=16 at small M uses BM16/BN16/BK64-128,
+    split-K 32).
+
+    Prefill (T > 64): the shrink is a thin GEMM (N = E*r << K) bound by memory traffic and, at
+    moderate T, by latency: a 64x64 tile grid gives 8 programs at T=256, N=128 on 132 SMs, each
+    streaming all of K. So the tiles and splits are searched (all candidates of ``cfg``) for:
+
+    1. enough programs: ``shrink_fill_waves * num_sms`` (two waves) up to
+       ``shrink_fill_max_tokens`` tokens, reached with split-K; above it, where every program
+       already streams a long K loop, ``0.9 * num_sms`` (one wave) without split-K, because the
+       split partials' extra traffic grows with T while the fill gain does not;
+    2. bounded partials: ``SPLIT_K * T * N * 4 <= T * K * elsize`` (the split partials, written
+       here and summed by the route kernel, never outweigh ``x``), and each split at least
+       ``shrink_min_k_steps`` K steps;
+    3. among those, the least traffic: ``x`` once per N tile (``BLOCK_N`` covering N up to
+       ``shrink_block_n_max`` reads it once), ``A`` once per M tile, partials written and read
+       (``2 * SPLIT_K * T * N * 4``); ties to the wider ``BLOCK_N``, then the larger ``BLOCK_M``.
+
+    If nothing reaches the program target, the most programs win (ties by traffic). A function of
+    shapes and ``cfg`` only, fixed per CUDA-graph capture. Unmeasured: gpu_check times it.
     """
+    cfg = cfg or configs.DEFAULT
     if T <= 64:
-        bm, bn, bk = 16, 32, 64
+        bm, bn, bk = cfg.shrink_decode_tile
         tiles = triton.cdiv(T, bm) * triton.cdiv(N, bn)
         split = 1
-        while tiles * split < 128 and split * 2 * bk <= K:
+        while tiles * split < cfg.shrink_decode_programs and split * 2 * bk <= K:
             split *= 2
         return bm, bn, bk, split
-    return 64, 64, 32, 1
+    bk = cfg.shrink_block_k if elsize < 4 else cfg.shrink_block_k // 2
+    bk = max(16, min(bk, triton.next_power_of_2(K)))
+    bn_max = min(max(triton.next_power_of_2(N), 16), cfg.shrink_block_n_max)
+    if cfg.shrink_fill_max_tokens >= T:
+        target = cfg.shrink_fill_waves * cfg.num_sms
+        s_cap = min(K * elsize // (4 * N), K // (cfg.shrink_min_k_steps * bk))
+        s_cap = max(1, s_cap)
+    else:
+        target = triton.cdiv(9 * cfg.num_sms, 10)
+        s_cap = 1
+    x_bytes, a_bytes, part_bytes = T * K * elsize, N * K * elsize, T * N * 4
+    best: tuple[tuple[int, ...], tuple[int, int, int, int]] | None = None
+    bn = bn_max
+    while bn >= 16:
+        for bm in cfg.shrink_block_m:
+            tiles = triton.cdiv(T, bm) * triton.cdiv(N, bn)
+            split = 1
+            for s in range(min(triton.cdiv(target, tiles), s_cap), s_cap + 1):
+                split = _effective_split(K, bk, s)[1]  # the fewest splits reaching the target
+                if tiles * split >= target:
+                    break
+            programs = tiles * split
+            traffic = (triton.cdiv(N, bn) * x_bytes + triton.cdiv(T, bm) * a_bytes
+                       + 2 * split * part_bytes)  # fmt: skip
+            # Sort key: filled first, then least traffic, wider BN, larger BM (more programs
+            # when nothing fills).
+            filled = programs >= target
+            key = (0 if filled else 1, traffic if filled else -programs,
+                   traffic, -bn, -bm)  # fmt: skip
+            if best is None or key < best[0]:
+                best = (key, (bm, bn, bk, split))
+        bn //= 2
+    assert best is not None
+    return best[1]
 
 
 def shrink_parts(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
@@ -99,15 +166,16 @@ def shrink_parts(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
     E, r, _ = lora_a.shape
     N = E * r
     a = lora_a.contiguous()
-    bm, bn, bk, split = shrink_config(T, N, K)
-    k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
-    split = triton.cdiv(K, k_per_split)
+    cfg = configs.device_config(x.device)
+    bm, bn, bk, split = shrink_config(T, N, K, elsize=x.element_size(), cfg=cfg)
+    k_per_split, split = _effective_split(K, bk, split)
     parts = torch.empty(split, T, N, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(T, bm), triton.cdiv(N, bn), split)
+    # 128x128 fp32 accumulators take 128 registers a thread at 4 warps: 8 warps halve that.
     _shrink_kernel[grid](
         x, a, parts, T, N, K, x.stride(0), x.stride(1), k_per_split,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
-        IS_FP32=x.dtype == torch.float32, num_warps=4,
+        IS_FP32=x.dtype == torch.float32, num_warps=8 if bm * bn >= 128 * 128 else 4,
     )  # fmt: skip
     return parts
 
