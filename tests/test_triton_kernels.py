@@ -122,7 +122,20 @@ def test_shrink_split_k_and_tiles():
         h = shrink_route.shrink(x, a)
         torch.testing.assert_close(h, reference.shrink(x, a).reshape(T, 15), atol=1e-4, rtol=1e-4)
     assert shrink_route.shrink_config(1, 128, 2048)[3] > 1  # decode splits K
-    assert shrink_route.shrink_config(4096, 128, 2048)[3] == 1  # prefill does not
+    assert shrink_route.shrink_config(256, 128, 2048)[3] > 1  # short prefill splits to fill SMs
+    assert shrink_route.shrink_config(4096, 128, 2048)[3] == 1  # bulk prefill does not
+
+
+@pytest.mark.parametrize("regime", ["dense", "grouped"])
+@pytest.mark.parametrize("base", ["torch", "fused"])
+def test_prefill_split_k_through_the_layer(regime, base):
+    """T=100 > 64 splits K in the prefill shrink (the route kernel sums the partials in order),
+    the mix spans several swizzled tiles, the grouped regime runs 32-row blocks (T*k/E = 25)."""
+    launchers.MIX_REGIME, launchers.BASE_MODE = regime, base
+    assert shrink_route.shrink_config(100, 32, 256, elsize=4)[3] > 1
+    assert mix.grouped_block_m(100, 2, 8) == 32
+    c = _case(100, 256, 72, 8, 4, torch.float32)
+    _check(*_run(c, top_k=2), torch.float32, 1e-4, 1e-4)
 
 
 @pytest.mark.parametrize(("dtype", "atol", "rtol"), DTYPES)
