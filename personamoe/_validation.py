@@ -205,7 +205,9 @@ def check_layer_args(args: LayerArgs, *, values: bool = True) -> None:
         if persona_ids.device != x.device:
             raise ValueError(f"persona_ids: expected device {x.device}, got {persona_ids.device}")
         lead = tuple(x.shape[:-1])
-        if tuple(persona_ids.shape) != lead and persona_ids.numel() != math.prod(lead):
+        # The exact leading dims: ids of another shape with the same count would silently pair
+        # tokens with other rows' personas.
+        if tuple(persona_ids.shape) != lead:
             raise ValueError(
                 f"persona_ids: expected shape {list(lead)} (the leading dims of x), "
                 f"got {list(persona_ids.shape)}"

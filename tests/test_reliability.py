@@ -175,3 +175,15 @@ def test_triton_interpreter_refuses_bf16():
     a = _args(dtype=torch.bfloat16)
     with use_backend("triton"), pytest.raises(ValueError, match="bfloat16"):
         personamoe.persona_moe_linear(**a, top_k=2)
+
+
+def test_persona_ids_of_another_shape_with_the_same_count_refused():
+    a = _args(T=6)
+    a["x"] = a["x"].reshape(2, 3, 8)
+    pb = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="persona_ids"):
+        personamoe.persona_moe_linear(**a, top_k=2, persona_bias=pb,
+                                      persona_ids=torch.zeros(3, 2, dtype=torch.long))  # fmt: skip
+    y = personamoe.persona_moe_linear(**a, top_k=2, persona_bias=pb,
+                                      persona_ids=torch.zeros(2, 3, dtype=torch.long))  # fmt: skip
+    assert y.shape == (2, 3, 6)
