@@ -9,7 +9,7 @@ export's ``config.json`` section does not repeat them (docs/design.md).
     <module>.lora_A        [E, r, d_in]   every expert's A, zero-padded to the layer's rank r
     <module>.lora_B        [E, d_out, r]  every expert's B, zero-padded likewise
     <module>.scaling       [E]            alpha / r (or alpha / sqrt(r)) per expert
-    <module>.calibration   [E]            1 / ||A_e||_F when calibrated, else ones
+    <module>.calibration   [E]            ||A_e||_F when calibrated (scores are divided by it), else ones
     <module>.pm_available  [E] bool       whether expert e targets this module
     <module>.pm_rank       [E]            expert e's own rank there (<= r)
 
