@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from personamoe._atomic import write_files
+from personamoe._json_file import read_json_object
 
 __all__ = [
     "CONFIG_NAME",
@@ -405,12 +406,7 @@ def read_adapter(path: str | Path) -> LoraAdapter:
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
         raise AdapterError(f"{cfg_file}: not found (expected a PEFT adapter folder)")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{cfg_file}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
+    cfg = read_json_object(cfg_file, AdapterError)
     _check_config(cfg, cfg_file)
     w_file = path / WEIGHTS_NAME
     if not w_file.is_file():

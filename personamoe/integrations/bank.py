@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from personamoe._atomic import write_files
+from personamoe._json_file import read_json_object
 from personamoe.adapters import check_finite, load_tensors, write_adapter
 from personamoe.integrations.bank_format import (
     AVAILABLE,
@@ -108,12 +109,7 @@ def read_bank(path: str | Path, weights: str = BANK_WEIGHTS) -> BankFiles:
     cfg_file, w_file = path / BANK_CONFIG, path / weights
     if not cfg_file.is_file() or not w_file.is_file():
         raise FileNotFoundError(f"{path}: expected {BANK_CONFIG} and {weights} (save_bank)")
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{cfg_file}: expected a JSON object, got {type(meta).__name__}")
+    meta = read_json_object(cfg_file)
     if meta.get("format") != BANK_FORMAT:
         raise ValueError(
             f"{cfg_file}: key 'format': expected {BANK_FORMAT!r}, got {meta.get('format')!r}"

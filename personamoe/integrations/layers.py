@@ -378,19 +378,15 @@ class PersonaConv1DLayer(PersonaLayer):
 
     fan_in_fan_out = True
 
-    def __init__(
-        self,
-        module: nn.Module,
-        state: PersonaState,
-        *,
-        rank: int,
-        top_k: int,
-        temperature: float,
-        normalize: str,
-    ) -> None:
-        super().__init__(module, state, rank=rank, top_k=top_k, temperature=temperature,
-                         normalize=normalize)  # fmt: skip
-        self.nx, self.nf = self.in_features, self.out_features  # Conv1D's own names
+    @property
+    def nx(self) -> int:
+        """Conv1D's own name for the input features."""
+        return self.in_features
+
+    @property
+    def nf(self) -> int:
+        """Conv1D's own name for the output features."""
+        return self.out_features
 
     @classmethod
     def base_of(cls, module: nn.Module) -> tuple[int, int, BaseParams]:

@@ -3,13 +3,13 @@ bank (read once) and the routing options of the ``personamoe`` section."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from personamoe._json_file import read_json_object
 from personamoe.integrations.checkpoint.bank_view import read_bank_tensors
 from personamoe.integrations.checkpoint.section import (
     SECTION,
@@ -56,12 +56,7 @@ def load_exported(path: str | Path, **from_pretrained: Any) -> nn.Module:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file}: not found")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{cfg_file}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ExportError(f"{cfg_file}: expected a JSON object, got {type(config).__name__}")
+    config = read_json_object(cfg_file, ExportError)
     section = read_section(config, cfg_file)
     if not section.bank_file().is_file():
         raise ExportError(f"{cfg_file}: key '{SECTION}.bank': {section.bank_file()} not found")
