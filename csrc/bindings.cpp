@@ -46,6 +46,8 @@ void bind_layer_args(py::module_& m) {
       .address("bias", &LayerArgs::bias)
       .address("y", &LayerArgs::y)
       .field("y_stride", &LayerArgs::y_stride)
+      .address("h", &LayerArgs::h)
+      .field("h_stride", &LayerArgs::h_stride)
       .address("topk_idx", &LayerArgs::topk_idx)
       .address("topk_gates", &LayerArgs::topk_gates)
       .address("scores", &LayerArgs::scores)

@@ -129,7 +129,8 @@ void layer_forward(const LayerArgs& a) {
           if (row[e] != 0.0f) needed[e] = 1;
   std::vector<int64_t> seg_start;
   std::vector<int32_t> seg_len;
-  for (int64_t e = 0; e < E; ++e)
+  const bool h_given = a.h != nullptr;  // the caller computed h: no A segments to shrink
+  for (int64_t e = 0; e < E && !h_given; ++e)
     if (needed[e])
       for (int64_t i = 0; i < r; i += detail::kRowGroup) {
         seg_start.push_back(e * r + i);
@@ -146,7 +147,7 @@ void layer_forward(const LayerArgs& a) {
       seg_len.push_back(static_cast<int32_t>(a.d_out - i < detail::kRowGroup ? a.d_out - i : detail::kRowGroup));
     }
   }
-  std::unique_ptr<float[]> h(new float[static_cast<size_t>(T * ER)]);
+  std::unique_ptr<float[]> h(h_given ? nullptr : new float[static_cast<size_t>(T * ER)]);
   // Few tokens: every thread routes all of them itself (a few hundred ns a token) into its own
   // copy of the entries, which saves the barrier between routing and mixing; on a loaded machine
   // each barrier can cost a scheduler time slice. Only thread 0 writes the routing outputs.
@@ -158,8 +159,10 @@ void layer_forward(const LayerArgs& a) {
 
   Work w;
   w.a = &a;
-  w.h = h.get();
-  w.h_stride = ER;
+  // The kernels only read h after the shrink phase, and the shrink writes no A rows when h is
+  // given, so the caller's buffer is never written.
+  w.h = h_given ? const_cast<float*>(a.h) : h.get();
+  w.h_stride = h_given ? a.h_stride : ER;
   w.seg_start = seg_start.data();
   w.seg_len = seg_len.data();
   w.nseg = static_cast<int64_t>(seg_start.size());
@@ -232,7 +235,7 @@ void layer_forward(const LayerArgs& a) {
             ec[n++] = sc[e] * a.scaling[e];
           }
       } else {
-        route_token(w.h + t * ER, E, r, a.calibration, row, k, inv_t, a.normalize, sc, idx, g);
+        route_token(w.h + t * w.h_stride, E, r, a.calibration, row, k, inv_t, a.normalize, sc, idx, g);
         for (int64_t j = 0; j < k; ++j)
           if (g[j] != 0.0f) {
             ee[n] = idx[j];

@@ -45,6 +45,11 @@ struct LayerArgs {
   const void* bias = nullptr;
   void* y = nullptr;  // [T, d_out], row stride y_stride
   int64_t y_stride = 0;
+  // Precomputed shrink: h [T, E*r] fp32, row stride h_stride (e.g. a BLAS/oneDNN GEMM, or an
+  // all-reduced h of a row-parallel layer). Set: the kernel skips its own shrink and routes and
+  // mixes from this h; nullptr: the kernel computes h = x A^T itself.
+  const float* h = nullptr;
+  int64_t h_stride = 0;
   int32_t* topk_idx = nullptr;  // [T, k] out
   float* topk_gates = nullptr;  // [T, k] out
   float* scores = nullptr;      // [T, E] out (fixed mode: the token's weight row)

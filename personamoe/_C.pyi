@@ -47,6 +47,8 @@ class LayerArgs:
     bias: int
     y: int
     y_stride: int
+    h: int
+    h_stride: int
     topk_idx: int
     topk_gates: int
     scores: int

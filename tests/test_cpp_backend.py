@@ -376,3 +376,77 @@ def test_bad_inputs_raise_before_the_kernel(change, match):
     args.update(change)
     with use_backend("cpp"), pytest.raises((ValueError, TypeError), match=match):
         personamoe.persona_moe_linear(**args)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("T", [1, 9, 40])
+def test_kernel_routes_and_mixes_from_a_given_h(T, fixed):
+    """``LayerArgs.h``: the kernel skips its shrink and reads the caller's h (here a strided view,
+    with expert 1's activation tripled), so its outputs are those of a layer whose ``A[1]`` is
+    three times larger, although the ``lora_a`` it is given is the original one."""
+    from personamoe import _C
+    from personamoe.backends.cpp_backend import _codes
+
+    E, r, d_in, d_out, k = 4, 8, 37, 29, 2
+    t = make(T, d_in, d_out, E, r, seed=T + 100)
+    a3 = t["lora_a"].clone()
+    a3[1] *= 3.0
+    h_buf = torch.randn(T, E * r + 5)  # h lives in columns 2..2+E*r of a wider buffer
+    h = h_buf[:, 2 : 2 + E * r]
+    h.copy_(reference.shrink(t["x"], a3).reshape(T, E * r))
+    opts = {}
+    table = None
+    ids = torch.randint(-1, 3, (T,), dtype=torch.int64)
+    if fixed:
+        table = torch.rand(3, E)
+        opts = dict(persona_weights=table, persona_ids=ids)
+    ref = reference.persona_moe_linear_full(
+        t["x"], t["weight"], t["bias"], a3, t["lora_b"], t["scaling"], top_k=k, **opts
+    )
+    y = torch.nn.functional.linear(t["x"], t["weight"], t["bias"])  # the base, as a caller gives it
+    idx = torch.empty(T, k, dtype=torch.int32)
+    gates = torch.empty(T, k)
+    n = torch.empty(T, E)
+    codes = _codes()
+    _C.layer_forward(
+        T=T, d_in=d_in, d_out=d_out, E=E, r=r, k=k, dtype=codes.dtype[torch.float32],
+        x=t["x"].data_ptr(), x_stride=d_in, lora_a=t["lora_a"].data_ptr(),
+        lora_b=t["lora_b"].data_ptr(), scaling=t["scaling"].data_ptr(),
+        table=table.data_ptr() if fixed else 0, P=3 if fixed else 0,
+        persona_ids=ids.data_ptr() if fixed else 0, ids_dtype=codes.dtype[torch.int64],
+        mode=codes.fixed if fixed else codes.token, normalize=codes.normalize["topk"],
+        y=y.data_ptr(), y_stride=d_out, h=h.data_ptr(), h_stride=h.stride(0),
+        topk_idx=idx.data_ptr(), topk_gates=gates.data_ptr(), scores=n.data_ptr(), num_threads=2,
+    )  # fmt: skip
+    before = h_buf.clone()
+    check((y, idx, gates, n), ref, torch.float32, 1e-4, 1e-4, k, fixed=fixed)
+    assert torch.equal(h_buf, before)  # the caller's h is read, never written
+
+
+def test_fp32_prefill_takes_the_onednn_gemms_and_bf16_does_not(monkeypatch):
+    """Above the in-kernel base the fp32 layer's base and shrink are oneDNN GEMMs (on the plain
+    weight: no prepacked copy), and the kernel routes and mixes from that h; bf16 keeps F.linear
+    and the kernel's fp32-accumulated shrink. The seam: count the calls into the oneDNN linear."""
+    from personamoe.backends import cpp_backend
+
+    if cpp_backend._onednn_linear() is None:
+        pytest.skip("this torch has no oneDNN linear")  # a property of the torch build
+    calls: list[tuple[int, ...]] = []
+    real = cpp_backend._onednn_linear()
+
+    def counting(x, w, b):
+        calls.append(tuple(w.shape))
+        return real(x, w, b)
+
+    monkeypatch.setattr(cpp_backend, "_onednn_linear", lambda: counting)
+    T = cpp_backend.BASE_IN_KERNEL_MAX_TOKENS + 9
+    for dtype, tol, want in [(torch.float32, 1e-4, [(29, 37), (4 * 8, 37)]),
+                             (torch.bfloat16, 1e-1, [])]:  # fmt: skip
+        calls.clear()
+        t = make(T, 37, 29, 4, 8, dtype, seed=3)
+        check(*run_both(t, top_k=2), dtype, tol, tol, 2)
+        assert calls == want
+    calls.clear()
+    t = make(cpp_backend.BASE_IN_KERNEL_MAX_TOKENS, 37, 29, 4, 8, seed=4)
+    check(*run_both(t, top_k=2), torch.float32, 1e-4, 1e-4, 2)
+    assert calls == []  # few tokens: the kernel computes the base and the shrink itself

@@ -102,6 +102,7 @@ struct Case {
   bool ids32;
   int threads;
   bool base = false;  // the kernel computes x W^T + b too
+  bool h_given = false;  // the caller passes h (strided, computed here in double)
 };
 
 // Scalar reference of the adapter part (y_base = 0), in double.
@@ -253,7 +254,29 @@ void run_case(const Case& c, uint32_t seed) {
   if (c.base && !a.bias)
     for (int64_t t = 0; t < T; ++t)
       for (int64_t o = 0; o < c.d_out; ++o) yref[t * c.d_out + o] -= bias.get(o);
+  // A given h lives in a wider buffer (row stride E*r + 3); the kernel must neither shrink nor
+  // write it. Its padding columns hold NaN, which must never reach an output.
+  const int64_t hs = E * r + 3;
+  std::vector<float> hbuf;
+  if (c.h_given) {
+    hbuf.assign(static_cast<size_t>(T * hs), std::nanf(""));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t q = 0; q < E * r; ++q) {
+        double acc = 0.0;
+        for (int64_t i = 0; i < c.d_in; ++i) acc += double(x.get(t * c.d_in + i)) * A.get(q * c.d_in + i);
+        hbuf[static_cast<size_t>(t * hs + 1 + q)] = static_cast<float>(acc);
+      }
+    a.h = hbuf.data() + 1;
+    a.h_stride = hs;
+  }
+  const std::vector<float> hbefore = hbuf;
   personamoe::layer_forward(a);
+  for (size_t i = 0; i < hbuf.size(); ++i)
+    if (std::memcmp(&hbuf[i], &hbefore[i], sizeof(float)) != 0) {
+      std::printf("FAIL T=%lld: the kernel wrote into the caller's h\n", static_cast<long long>(T));
+      ++g_failures;
+      break;
+    }
 
   const double tol = c.dt == DType::F32 ? 1e-4 : (c.dt == DType::F16 ? 2e-2 : 8e-2);
   int bad = 0;
@@ -330,7 +353,7 @@ int main(int argc, char** argv) {
   for (const DType dt : dts)
     for (const int64_t T : Ts)
       for (const auto& sh : shapes)
-        for (int variant = 0; variant < 5; ++variant) {
+        for (int variant = 0; variant < 6; ++variant) {
           const int64_t E = sh[2];
           const int64_t k = variant % 2 == 0 ? 1 : E;
           Case c{T, sh[0], sh[1], E, sh[3], k, dt, variant == 3 ? 1 : 0, variant == 1 || variant == 2,
@@ -338,6 +361,12 @@ int main(int argc, char** argv) {
                  1 + (variant % 2)};
           if (variant == 4) {  // base in the kernel, with a persona bias table and 2 threads
             c.base = true;
+            c.bias = true;
+            c.k = E > 1 ? 2 : 1;
+            c.threads = 2;
+          }
+          if (variant == 5) {  // h given by the caller (a oneDNN shrink, an all-reduced h)
+            c.h_given = true;
             c.bias = true;
             c.k = E > 1 ? 2 : 1;
             c.threads = 2;

@@ -24,6 +24,10 @@ from personamoe.backends.kernel_codes import KernelCodes, kernel_codes
 
 # Up to this many tokens the kernel computes x W^T + b itself (measured: benchmarks/README.md).
 BASE_IN_KERNEL_MAX_TOKENS = 32
+# From this many tokens an fp32 layer's shrink h = x A^T runs as one oneDNN GEMM over [E*r, d_in]
+# and the kernel only routes and mixes (h stays fp32; bf16/fp16 keep the kernel's fp32-accumulated
+# shrink, since oneDNN would round h to the input dtype). 0 disables it.
+SHRINK_GEMM_MIN_TOKENS = 33
 _ID_DTYPES = (torch.int32, torch.int64)  # the kernel reads persona ids of these dtypes in place
 _linear = torch.nn.functional.linear
 _empty = torch.empty
@@ -45,6 +49,47 @@ def _ext() -> Any:
     from personamoe import _C
 
     return _C
+
+
+@functools.cache
+def _onednn_linear() -> Any:
+    """oneDNN's fp32 linear (what inductor's CPU freezing and vLLM's CPU build call) on the layer's
+    own plain weight, or ``None`` where this torch has no working oneDNN. On the plain layout it
+    needs no prepacked copy of ``W``, so the layer's memory stays the weight plus the bank.
+
+    fp32 only: bf16/fp16 through this op need a CPU with native support (it raises "could not
+    create a primitive descriptor" on AVX2), and where they have it, ``F.linear`` already goes
+    through oneDNN for them."""
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return None
+    fn = op.default
+    try:  # one tiny call: a build whose oneDNN cannot run here falls back to BLAS for good
+        fn(torch.ones(1, 8), torch.ones(4, 8), None, "none", [], "")
+    except RuntimeError:
+        return None
+
+    def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return fn(x, w, b, "none", [], "")
+
+    return linear
+
+
+def base_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``x W^T + b`` on the fastest plain path here: oneDNN for contiguous fp32 CPU tensors when
+    torch has it (measured faster than ``F.linear``'s MKL GEMM at every T on the dev machines,
+    ``benchmarks/README.md``), else ``F.linear``."""
+    if (
+        x.dtype is _f32
+        and w.dtype is _f32
+        and (b is None or (b.dtype is _f32 and b.is_contiguous()))
+        and x.is_contiguous()
+        and w.is_contiguous()
+    ):
+        dnn = _onednn_linear()
+        if dnn is not None:
+            return dnn(x, w, b)
+    return _linear(x, w, b)
 
 
 @functools.cache
@@ -90,7 +135,7 @@ def fused_forward(a: LayerArgs) -> LayerOutputs:
             b = b.contiguous()
         y = _empty((T, w.shape[0]), dtype=x.dtype)
     else:
-        y = _linear(x, w, b)
+        y = base_linear(x, w, b)
     idx = _empty((T, k), dtype=_i32)
     gates = _empty((T, k), dtype=_f32)
     n = _empty((T, E), dtype=_f32)
@@ -107,6 +152,11 @@ def fused_forward(a: LayerArgs) -> LayerOutputs:
             ids = ids.long()
         if not ids.is_contiguous():
             ids = ids.contiguous()
+    # Many fp32 tokens: the shrink is a GEMM of its own (oneDNN's cache blocking beats the kernel's
+    # GEMV-like tiles there), and the kernel routes and mixes from that h.
+    h = None
+    if SHRINK_GEMM_MIN_TOKENS and T >= SHRINK_GEMM_MIN_TOKENS and x.dtype is _f32 and not fixed:
+        h = base_linear(x, lora_a.view(E * r, d_in), None)
     C = _ext()
     codes = _codes()
     # One call with the fields of LayerArgs (csrc/layer.h) as keywords: read straight from the
@@ -124,7 +174,9 @@ def fused_forward(a: LayerArgs) -> LayerOutputs:
         normalize=codes.normalize[a.normalize],
         weight=w.data_ptr() if in_kernel else 0,
         bias=b.data_ptr() if in_kernel and b is not None else 0,
-        y=y.data_ptr(), y_stride=y.stride(0), topk_idx=idx.data_ptr(),
+        y=y.data_ptr(), y_stride=y.stride(0),
+        h=h.data_ptr() if h is not None else 0, h_stride=h.stride(0) if h is not None else 0,
+        topk_idx=idx.data_ptr(),
         topk_gates=gates.data_ptr(), scores=n.data_ptr(), num_threads=torch.get_num_threads(),
     )  # fmt: skip
     return y, idx, gates, n
