@@ -26,8 +26,12 @@ def test_provider_matches_reference(case, provider):
     expected = reference.persona_moe_linear(
         x, w.weight, w.bias, w.lora_a, w.lora_b, w.scaling, top_k=case.top_k
     )
+    if provider == "base_onednn":
+        if bl.onednn_unavailable("cpu", case.dtype):
+            pytest.skip(bl.onednn_unavailable("cpu", case.dtype))  # a property of this torch build
+        bl.prepare_providers([provider], [w], case.tokens)
     got = bl.PROVIDERS[provider](x, w, case.top_k)
-    if provider == "base":
+    if provider in ("base", "base_onednn"):
         got_base = torch.nn.functional.linear(x, w.weight, w.bias)
         torch.testing.assert_close(got, got_base)
         assert not torch.allclose(got, expected, atol=1e-3), "the adapters must change the output"
@@ -59,3 +63,36 @@ def test_weight_sets_rotate_and_measure_interleaves():
     assert {k: len(v) for k, v in samples.items()} == {"base": 6, "masked": 6, "personamoe": 6}
     assert all(t > 0 for v in samples.values() for t in v)
     assert "torch" in bl.machine_info()
+
+
+def test_onednn_base_is_prepacked_outside_the_timed_calls_and_reported_when_missing():
+    case = dataclasses.replace(SMALL[2], name="m")
+    sets = bl.make_weight_sets(case, 3)
+    res = bl.measure_results(case, ["base", "base_onednn", "personamoe"], sets, rounds=4, warmup=1)
+    assert len(res["base_onednn"].samples) == 4
+    assert not bl._PACKED, "prepacked weights are dropped after the run"
+    assert bl.fastest_base(res) in ("base", "base_onednn")
+    # A dtype this CPU's oneDNN lacks (or no oneDNN at all) gives a note, never a crash.
+    half = dataclasses.replace(case, dtype=torch.float16)
+    why = bl.onednn_unavailable("cpu", torch.float16)
+    res = bl.measure_results(half, ["base", "base_onednn"], bl.make_weight_sets(half, 2), rounds=2)
+    if why:
+        assert res["base_onednn"].samples == [] and why in res["base_onednn"].note
+        assert bl.fastest_base(res) == "base"
+    else:
+        assert len(res["base_onednn"].samples) == 2
+    assert bl.onednn_unavailable("meta", torch.float32) == "oneDNN prepacking is a CPU path"
+
+
+def test_roofline_counts_each_byte_the_layer_must_move_once():
+    c = bl.CASES["L1"]
+    # W + bias, all of A, B of the k = 2 experts one token can use, x and y: fp32.
+    assert bl.roofline_bytes(c) == 4 * (
+        2048 * 2048 + 2048 + 8 * 16 * 2048 + 2 * 2048 * 16 + 2 * 2048
+    )
+    big = bl.CASES["L256"]
+    assert bl.roofline_bytes(big) - bl.roofline_bytes(c) == 4 * (
+        6 * 2048 * 16 + 255 * (2048 + 2048)
+    )
+    bw = bl.stream_bandwidth(mib=8, repeats=3)
+    assert 1e8 < bw < 1e13  # bytes/s: a real measurement, neither zero nor absurd

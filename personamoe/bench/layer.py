@@ -30,9 +30,12 @@ __all__ = [
     "PROVIDERS",
     "LayerCase",
     "WeightSet",
+    "fastest_base",
     "make_input",
     "make_weight_sets",
     "measure",
+    "roofline_bytes",
+    "stream_bandwidth",
 ]
 
 
@@ -122,6 +125,44 @@ def provider_base(x: Tensor, w: WeightSet, top_k: int) -> Tensor:
     return F.linear(x, w.weight, w.bias)
 
 
+# Prepacked oneDNN weights of the ``base_onednn`` provider, by ``id`` of the plain weight: packed
+# once before timing (:func:`prepare_providers`), as a deployment packs at load time.
+_PACKED: dict[int, Tensor] = {}
+
+
+def onednn_unavailable(device: torch.device | str, dtype: torch.dtype) -> str:
+    """Why ``base_onednn`` cannot run here (``""`` when it can): CPU only, and the dtype must be one
+    this CPU's oneDNN has kernels for (bf16/fp16 need native support, e.g. AVX-512 BF16/AMX)."""
+    if torch.device(device).type != "cpu":
+        return "oneDNN prepacking is a CPU path"
+    if not torch.backends.mkldnn.is_available():
+        return "this torch has no oneDNN"
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8, dtype=dtype), 1)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 8, dtype=dtype), w, None, "none", [], "")
+    except (RuntimeError, AttributeError) as e:
+        return f"oneDNN has no {dtype} linear on this CPU ({str(e).splitlines()[0][:80]})"
+    return ""
+
+
+def prepare_providers(
+    providers: Sequence[str], weight_sets: Sequence[WeightSet], tokens: int
+) -> None:
+    """Work a deployment does once at load time, outside the timed region: prepack each set's
+    weight for ``base_onednn`` (batch-size hint ``tokens``)."""
+    _PACKED.clear()
+    if "base_onednn" in providers:
+        for w in weight_sets:
+            _PACKED[id(w.weight)] = torch.ops.mkldnn._reorder_linear_weight(w.weight, tokens)
+
+
+def provider_base_onednn(x: Tensor, w: WeightSet, top_k: int) -> Tensor:
+    """The fastest plain layer on a CPU: oneDNN on a weight prepacked at load time (what vLLM's CPU
+    build and inductor's CPU freezing run)."""
+    packed = _PACKED[id(w.weight)]
+    return torch.ops.mkldnn._linear_pointwise(x, packed, w.bias, "none", [], "")
+
+
 def provider_naive(x: Tensor, w: WeightSet, top_k: int) -> Tensor:
     """Shrink all, top-k, then a Python loop over experts gathering each expert's tokens."""
     h, idx, gates = _shrink_route(x, w, top_k)
@@ -175,6 +216,7 @@ def provider_personamoe(x: Tensor, w: WeightSet, top_k: int) -> Tensor:
 Provider = Callable[[Tensor, WeightSet, int], Tensor]
 PROVIDERS: dict[str, Provider] = {
     "base": provider_base,
+    "base_onednn": provider_base_onednn,
     "naive": provider_naive,
     "dense": provider_dense,
     "masked": provider_masked,
@@ -223,6 +265,13 @@ def measure_results(
     provider stopped by ``budget`` or ``deadline``, see :func:`runner.time_interleaved`)."""
     device = weight_sets[0].weight.device
     x = make_input(case).to(device) if x is None else x
+    unavailable = {}
+    if "base_onednn" in providers:
+        why = onednn_unavailable(device, case.dtype)
+        if why:
+            unavailable["base_onednn"] = why
+    providers = [p for p in providers if p not in unavailable]
+    prepare_providers(providers, weight_sets, case.tokens)
     n_sets, n_prov = len(weight_sets), len(providers)
 
     def rotating(j: int, provider: Provider) -> Callable[[], Tensor]:
@@ -241,7 +290,7 @@ def measure_results(
     fns: dict[str, Callable[[], object]] = {
         p: rotating(j, PROVIDERS[p]) for j, p in enumerate(providers)
     }
-    return runner.time_interleaved(
+    results = runner.time_interleaved(
         case.name,
         fns,
         repeats=rounds,
@@ -251,6 +300,43 @@ def measure_results(
         budget=budget,
         deadline=deadline,
     )
+    _PACKED.clear()
+    for p, why in unavailable.items():
+        results[p] = runner.Result(case.name, p, note=f"skipped: {why}")
+    return results
+
+
+def fastest_base(results: dict[str, runner.Result]) -> str | None:
+    """The plain-layer provider (``base`` or ``base_onednn``) with the smallest median, among those
+    with samples: every ratio that counts is taken against it."""
+    bases = [p for p in ("base", "base_onednn") if p in results and results[p].samples]
+    return min(bases, key=lambda p: results[p].median) if bases else None
+
+
+def stream_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """Bytes per second this machine streams (read + write) in a large copy: the memory roof."""
+    src = torch.empty(mib << 18, dtype=torch.float32).fill_(1.0)  # mib MiB of fp32
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch every page once before timing
+    times = []
+    for _ in range(repeats):
+        t0 = runner.CLOCKS["wall"]()
+        dst.copy_(src)
+        times.append(runner.CLOCKS["wall"]() - t0)
+    return 2 * src.numel() * src.element_size() / sorted(times)[len(times) // 2]
+
+
+def roofline_bytes(case: LayerCase) -> int:
+    """Bytes the whole layer must move at least once: ``W`` and bias, all of ``A`` (every expert is
+    scored), the ``B`` of the experts the case's tokens can use (at most ``min(E, T*k)``), ``x`` in
+    and ``y`` out."""
+    el = torch.empty((), dtype=case.dtype).element_size()
+    used = min(case.experts, case.tokens * case.top_k)
+    n = case.d_out * case.d_in + case.d_out  # W, bias
+    n += case.experts * case.rank * case.d_in  # A
+    n += used * case.d_out * case.rank  # used B
+    n += case.tokens * (case.d_in + case.d_out)  # x, y
+    return n * el
 
 
 # The one machine description (runner.describe_machine), under the name the layer scripts use.
