@@ -2,16 +2,14 @@
 // gates (or the fixed mode's weights) and the gated mix of the chosen experts, and for few tokens
 // the base GEMM x W^T + b too. Free of torch and pybind: raw pointers in, raw pointers out.
 //
-// Where the base GEMM runs was decided by measurement (benchmarks/README.md, "Decisions"; the
-// 2-core AVX-512 dev machine, W 2048 x 2048 fp32 rotated from DRAM):
-//  - T <= 32 (the caller's BASE_IN_KERNEL_MAX_TOKENS): inside this kernel, as extra rows of the
-//    shrink. The layer is memory-bound on W there, and this kernel's GEMV-like tiles stream W
-//    faster than BLAS (x W^T alone at 1 thread: 1163 vs 1588 us at T = 1, 7298 vs 7692 us at
-//    T = 16); W, A and B then go through one pass and y is written once (one rounding for
-//    bf16/fp16), with no second call.
-//  - T > 32: through torch's BLAS (MKL) beside the kernel (the caller passes weight = nullptr and a
-//    y that already holds x W^T + b; the kernel adds the mix in place). These tiles are not a
-//    cache-blocked GEMM: x W^T took 90.6 ms against MKL's 43.9 ms at T = 256.
+// Where the base GEMM runs was decided by measurement (benchmarks/README.md, "Decisions"):
+//  - few tokens (the caller's BASE_IN_KERNEL_MAX_TOKENS, 28): inside this kernel, as extra rows of
+//    the shrink. The layer is memory-bound on W there; W, A and B go through one pass and y is
+//    written once (one rounding for bf16/fp16), with no second call.
+//  - more: the caller computes x W^T + b beside the kernel (oneDNN on the plain fp32 weight, else
+//    torch's BLAS) and passes weight = nullptr and that y; the kernel adds the mix in place. These
+//    tiles are not a cache-blocked GEMM (x W^T took 2x MKL's time at T = 256). From
+//    SHRINK_GEMM_MIN_TOKENS (256) the fp32 shrink is a oneDNN GEMM too, passed in as `h`.
 #pragma once
 
 #include <cstdint>

@@ -439,9 +439,11 @@ def test_fp32_prefill_takes_the_onednn_gemms_and_bf16_does_not(monkeypatch):
         return real(x, w, b)
 
     monkeypatch.setattr(cpp_backend, "_onednn_linear", lambda: counting)
-    T = cpp_backend.BASE_IN_KERNEL_MAX_TOKENS + 9
-    for dtype, tol, want in [(torch.float32, 1e-4, [(29, 37), (4 * 8, 37)]),
-                             (torch.bfloat16, 1e-1, [])]:  # fmt: skip
+    mid = cpp_backend.BASE_IN_KERNEL_MAX_TOKENS + 1  # base in oneDNN, shrink in the kernel
+    big = cpp_backend.SHRINK_GEMM_MIN_TOKENS  # both in oneDNN
+    for T, dtype, tol, want in [(mid, torch.float32, 1e-4, [(29, 37)]),
+                                (big, torch.float32, 1e-4, [(29, 37), (4 * 8, 37)]),
+                                (big, torch.bfloat16, 1e-1, [])]:  # fmt: skip
         calls.clear()
         t = make(T, 37, 29, 4, 8, dtype, seed=3)
         check(*run_both(t, top_k=2), dtype, tol, tol, 2)

@@ -2,8 +2,8 @@
 
 One C++ call per layer, GIL released, OpenMP over ``torch.get_num_threads()`` threads, AVX-512 /
 AVX2 / generic paths chosen at run time. Up to ``BASE_IN_KERNEL_MAX_TOKENS`` tokens the kernel
-computes the whole layer (base GEMM included); above, torch's BLAS computes ``x W^T + b`` into
-``y`` and the kernel adds the mix in place (the measurements behind this: ``csrc/layer.h``,
+computes the whole layer (base GEMM included); above, oneDNN (fp32, on the plain weight) or torch's
+BLAS computes ``x W^T + b`` into ``y`` and the kernel adds the mix in place (the measurements behind this: ``csrc/layer.h``,
 ``benchmarks/README.md``). fp64 (gradcheck) stays on the reference path; fp32, bf16 and fp16 run
 compiled with fp32 accumulation. The backward is the op's (``personamoe/ops.py``).
 
@@ -22,12 +22,13 @@ from torch import Tensor
 from personamoe.backends.base import Backend, LayerArgs, LayerOutputs
 from personamoe.backends.kernel_codes import KernelCodes, kernel_codes
 
-# Up to this many tokens the kernel computes x W^T + b itself (measured: benchmarks/README.md).
-BASE_IN_KERNEL_MAX_TOKENS = 32
+# Up to this many tokens the kernel computes x W^T + b itself (measured crossover against oneDNN +
+# the kernel's shrink and mix: 24-28 tokens on the 2-core AVX2 dev VM; benchmarks/README.md).
+BASE_IN_KERNEL_MAX_TOKENS = 28
 # From this many tokens an fp32 layer's shrink h = x A^T runs as one oneDNN GEMM over [E*r, d_in]
 # and the kernel only routes and mixes (h stays fp32; bf16/fp16 keep the kernel's fp32-accumulated
 # shrink, since oneDNN would round h to the input dtype). 0 disables it.
-SHRINK_GEMM_MIN_TOKENS = 33
+SHRINK_GEMM_MIN_TOKENS = 256
 _ID_DTYPES = (torch.int32, torch.int64)  # the kernel reads persona ids of these dtypes in place
 _linear = torch.nn.functional.linear
 _empty = torch.empty
