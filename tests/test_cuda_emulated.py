@@ -91,6 +91,7 @@ def emulated(emulator, monkeypatch):
         torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0)
     )
     monkeypatch.setattr(cuda_launch, "_counters", {})
+    monkeypatch.setattr(cuda_launch, "_slots", {})
     emulator.calls.clear()
     return emulator
 
@@ -130,7 +131,7 @@ def _check(a, dtype, *, vec=None, emulated=None):
     torch.testing.assert_close(y.float(), ref[0].float(), atol=atol, rtol=rtol)
     if vec is not None:
         assert emulated.calls[-1]["vec"] == vec
-    assert all(c == 0 for c in next(iter(cuda_launch._counters.values())).tolist())
+    assert all(c == 0 for c in next(iter(cuda_launch._counters.values())).flatten().tolist())
     return got
 
 
@@ -196,3 +197,50 @@ def test_emulated_decode_nan_expert_ranks_last(emulated):
     assert torch.isnan(n[:, 0]).all() and not (idx == 0).any()
     assert torch.isfinite(y).all()
     assert torch.equal(idx, reference.forward(a)[1])
+
+
+def test_counters_are_persistent_slots_one_per_stream_and_none_allocated_under_capture(
+    monkeypatch,
+):
+    """Finding 10 of the GPU review: a launch under graph capture allocated ``torch.zeros(4)`` (a
+    memset node per layer per graph). Now each stream keeps a slot of one per-device buffer made
+    outside capture; under capture no tensor is made once the device has its buffer. Checked on
+    CPU tensors through the launcher's seam (which device the buffer lives on does not matter)."""
+    monkeypatch.setattr(cuda_launch, "_counters", {})
+    monkeypatch.setattr(cuda_launch, "_slots", {})
+    capturing = {"on": False}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing["on"])
+    made = []
+    real_zeros = torch.zeros
+
+    def counting_zeros(*a, **k):
+        made.append(a)
+        return real_zeros(*a, **k)
+
+    monkeypatch.setattr(torch, "zeros", counting_zeros)
+    cpu = torch.device("cpu")
+    # A capture before any eager launch on the device: a fresh buffer inside the graph.
+    capturing["on"] = True
+    first = cuda_launch._get_counters(cpu, stream=7)
+    assert tuple(first.shape) == (4,) and len(made) == 1
+    capturing["on"] = False
+    eager = cuda_launch._get_counters(cpu, stream=1)  # makes the device's buffer: one zeros
+    assert len(made) == 2 and tuple(cuda_launch._counters[-1].shape) == (
+        cuda_launch.COUNTER_SLOTS,
+        4,
+    )
+    assert cuda_launch._get_counters(cpu, stream=1) is eager  # reused, nothing new
+    other = cuda_launch._get_counters(cpu, stream=2)
+    assert other.data_ptr() != eager.data_ptr()  # two streams never share counters
+    capturing["on"] = True
+    captured = [cuda_launch._get_counters(cpu, stream=9) for _ in range(50)]  # 50 layers
+    assert len(made) == 2, "no allocation (memset node) under capture once the buffer exists"
+    assert all(c is captured[0] for c in captured)
+    assert captured[0].data_ptr() not in (eager.data_ptr(), other.data_ptr())
+    assert cuda_launch._counters[-1].flatten().tolist() == [0] * (4 * cuda_launch.COUNTER_SLOTS)
+    # More streams than slots: own buffers outside capture, a fresh one under capture.
+    capturing["on"] = False
+    for s in range(100, 100 + cuda_launch.COUNTER_SLOTS):
+        cuda_launch._get_counters(cpu, stream=s)
+    extra = cuda_launch._get_counters(cpu, stream=999)
+    assert tuple(extra.shape) == (4,) and extra.tolist() == [0, 0, 0, 0]

@@ -8,9 +8,13 @@ Calls the kernel does not cover (T > 16, E > 64, r > 64, fp64, T = 0) go to the 
 or to the reference where Triton is missing.
 
 CUDA-graph safe: no host sync, no value-dependent branching. The kernel's four counters must be
-zero at launch and the kernel leaves them zero; one zeroed buffer is kept per (device, stream) and
-reused, except during graph capture, where a fresh zeroed buffer is made inside the graph (a
-memset node), since a buffer first allocated during capture is never zeroed outside it.
+zero at launch and the kernel leaves them zero, so one persistent zeroed buffer per device serves
+every launch: each stream (a capture stream included) gets its own slot of four counters in it, so
+launches on two streams at once never share counters, and a captured graph records its slot's
+address with no memset node per layer. The buffer is allocated (and zeroed) outside any capture; a
+capture that comes before any eager launch on its device (no warm-up) gets a fresh zeroed buffer
+inside the graph instead, as a buffer first allocated during capture is never zeroed outside it.
+Two graphs captured on the same stream share a slot, so they must not be replayed concurrently.
 """
 
 from __future__ import annotations
@@ -26,7 +30,11 @@ __all__ = ["covers", "persona_moe_linear"]
 MAX_TOKENS, MAX_EXPERTS, MAX_RANK = 16, 64, 64  # csrc/cuda/decode.h
 FUSE_BASE = True  # the base layer inside the decode kernel (else cuBLAS beside it)
 
-_counters: dict[tuple[int, int], torch.Tensor] = {}
+# Per device: one zeroed int32 buffer of COUNTER_SLOTS * 4 counters, and which stream has which
+# slot. Streams beyond COUNTER_SLOTS get a buffer of their own (allocated outside capture only).
+COUNTER_SLOTS = 64
+_counters: dict[int, torch.Tensor] = {}
+_slots: dict[tuple[int, int], torch.Tensor] = {}
 
 
 def covers(a: LayerArgs) -> bool:
@@ -53,12 +61,23 @@ def _fallback(a: LayerArgs) -> LayerOutputs:
 
 
 def _get_counters(device: torch.device, stream: int) -> torch.Tensor:
-    if torch.cuda.is_current_stream_capturing():
+    """The four zeroed counters of ``stream`` on ``device`` (see the module docstring)."""
+    dev = device.index if device.index is not None else -1  # a tensor's index is set
+    key = (dev, stream)
+    c = _slots.get(key)
+    if c is not None:
+        return c
+    capturing = torch.cuda.is_current_stream_capturing()
+    pool = _counters.get(dev)
+    if pool is None and not capturing:
+        pool = _counters[dev] = torch.zeros(COUNTER_SLOTS, 4, dtype=torch.int32, device=device)
+    used = sum(1 for d, _ in _slots if d == dev)
+    if pool is not None and used < COUNTER_SLOTS:
+        c = _slots[key] = pool[used]
+    elif capturing:  # nothing zeroed outside this capture to take: a memset node in the graph
         return torch.zeros(4, dtype=torch.int32, device=device)
-    key = (device.index if device.index is not None else -1, stream)  # a tensor's index is set
-    c = _counters.get(key)
-    if c is None:
-        c = _counters[key] = torch.zeros(4, dtype=torch.int32, device=device)
+    else:
+        c = _slots[key] = torch.zeros(4, dtype=torch.int32, device=device)
     return c
 
 
