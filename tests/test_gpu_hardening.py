@@ -128,3 +128,20 @@ def test_split_k_ties_go_to_lower_index_and_runs_are_bitwise_equal(T):
         assert torch.equal(a, b)
     ref = reference.forward(args)
     torch.testing.assert_close(first[0], ref[0], atol=1e-3, rtol=1e-4)
+
+
+def test_layer_ids_are_not_read_on_an_accelerator_and_out_of_range_means_no_persona(monkeypatch):
+    """Finding 4: a layer given ``persona_ids`` read their min and max (two host syncs per layer
+    per decode step on a GPU). Off the CPU the ids are no longer read: ids out of range become row
+    0 ("no persona", as in the kernels) on the device, so no row index leaves the tables. On CPU
+    the error stays. Meta tensors stand for device tensors: any read of their values raises."""
+    from personamoe.integrations import layers
+
+    ids = torch.tensor([[-1, 0, 2], [3, -5, 1]])
+    with pytest.raises(ValueError, match=r"persona_ids: expected ids in \[-1, 3\).*got -5"):
+        layers.ids_to_rows(ids, 4)
+    rows = layers.ids_to_rows(ids.to("meta"), 4)  # would raise on int(min) / item()
+    assert rows.device.type == "meta" and rows.shape == ids.shape and rows.dtype == torch.long
+    monkeypatch.setattr(layers, "_reads_ids", lambda t: False)  # the accelerator's path, on CPU
+    got = layers.ids_to_rows(ids, 4)
+    assert got.tolist() == [[0, 1, 3], [0, 0, 2]]  # 3 and -5 are out of range: no persona

@@ -183,15 +183,7 @@ class PersonaLayer(PersonaMoELinear):
             # A cast would truncate 0.7 to persona 0 silently.
             what = persona_ids.dtype if isinstance(persona_ids, Tensor) else type(persona_ids)
             raise TypeError(f"persona_ids: expected an integer tensor, got {what}")
-        given = persona_ids.to(device=x.device, dtype=torch.long) + 1
-        n_rows = 1 + len(st.registered)
-        if not torch.compiler.is_compiling() and given.numel():
-            lo, hi = int(given.min()), int(given.max())
-            if lo < 0 or hi >= n_rows:
-                raise ValueError(
-                    f"persona_ids: expected ids in [-1, {n_rows - 1}) (-1 = no persona, else "
-                    f"a registered persona's index), got {lo - 1 if lo < 0 else hi - 1}"
-                )
+        given = ids_to_rows(persona_ids.to(device=x.device), 1 + len(st.registered))
         # Per token (any shape holding one id per token), or broadcastable to the tokens.
         rows = (
             given.reshape(lead) if given.numel() == x.numel() // x.shape[-1] else given.expand(lead)
@@ -417,6 +409,32 @@ def _any_fixed(st: PersonaState) -> bool:
 
 def _zeros(lead: torch.Size, device: torch.device) -> Tensor:
     return torch.zeros(lead, dtype=torch.long, device=device)
+
+
+def _reads_ids(ids: Tensor) -> bool:
+    """Whether the ids are read on the host to word an error: on CPU in eager mode only."""
+    return ids.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def ids_to_rows(persona_ids: Tensor, n_rows: int) -> Tensor:
+    """Table rows (``id + 1``; row 0 = no persona) for persona ids given to a layer's forward.
+
+    On CPU an id outside ``[-1, n_rows - 1)`` is a ``ValueError`` (reading the ids is free there).
+    On an accelerator reading them would be a host sync in every layer of every decode step, so
+    they are not read: an id out of range means "no persona" (row 0), as it does in the kernels,
+    and no row index ever leaves the tables.
+    """
+    given = persona_ids.to(dtype=torch.long) + 1
+    if _reads_ids(given):
+        if given.numel():
+            lo, hi = int(given.min()), int(given.max())
+            if lo < 0 or hi >= n_rows:
+                raise ValueError(
+                    f"persona_ids: expected ids in [-1, {n_rows - 1}) (-1 = no persona, else "
+                    f"a registered persona's index), got {lo - 1 if lo < 0 else hi - 1}"
+                )
+        return given
+    return torch.where((given >= 0) & (given < n_rows), given, torch.zeros_like(given))
 
 
 def _per_token(rows_b: Tensor, lead: torch.Size) -> Tensor:
