@@ -80,3 +80,62 @@ def test_demo_tiny_runs_and_reports_each_persona():
     line = next(ln for ln in out.stdout.splitlines() if ln.strip().startswith("counselor"))
     # The counselor persona may only route among the first four adapters.
     assert all(f"persona{i}" not in line for i in range(4, 8))
+
+
+def test_base_onednn_model_gives_the_plain_models_logits():
+    from personamoe.bench.layer import onednn_unavailable
+    from personamoe.bench.model import TARGETS, OneDNNLinear, build_base, onednn_model
+
+    why = onednn_unavailable("cpu", torch.float32)
+    if why:
+        pytest.skip(why)
+    base = build_base(TINY)
+    packed = onednn_model(base, batch_size_hint=TINY.batch)
+    swapped = [n for n, m in packed.named_modules() if isinstance(m, OneDNNLinear)]
+    assert len(swapped) == len(TARGETS) * TINY.num_hidden_layers
+    assert not any(isinstance(m, OneDNNLinear) for m in base.modules())  # base left as it was
+    ids = torch.randint(1, TINY.vocab_size, (TINY.batch, TINY.prompt_len))
+    with torch.inference_mode():
+        want = base(input_ids=ids).logits
+        got = packed(input_ids=ids).logits
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_base_onednn_is_a_model_provider_and_skipped_with_a_note_when_unavailable(monkeypatch):
+    import personamoe.bench.layer as bl
+
+    assert "base_onednn" in MODEL_PROVIDERS
+    bench = ModelBench.__new__(ModelBench)  # no model or adapters: only the availability check
+    bench.device, bench.dtype, bench.adapters = "cpu", torch.float32, {}
+    monkeypatch.setattr(bl, "onednn_unavailable", lambda device, dtype: "no oneDNN here")
+    assert bench.unavailable("base_onednn") == "no oneDNN here"
+    assert bench.unavailable("base") == ""
+    with pytest.raises(RuntimeError, match="no oneDNN here"):
+        bench.provider("base_onednn")
+
+
+def test_target_lines_report_the_fastest_base_and_the_train_ratios():
+    from personamoe.bench.cli import target_lines
+
+    rs = [
+        Result("M", "base", [2.0, 2.0, 2.0]),
+        Result("M", "base_onednn", [1.0, 1.0, 1.0]),
+        Result("M", "personamoe", [1.5, 1.5, 1.5]),
+        Result("M", "peft_lora", [3.0, 3.0, 3.0]),
+        Result("L1", "base", [1.0, 1.0]),
+        Result("L1", "base_onednn", [2.0, 2.0]),
+        Result("L1", "personamoe", [1.1, 1.1]),
+        Result("train", "personamoe", [1.1, 1.1]),
+        Result("train", "peft_lora", [1.0, 1.0]),
+        Result("train", "naive", [3.3, 3.3]),
+        Result("train", "xlora", [], note="skipped: x"),
+    ]
+    lines = {ln.split(":", 1)[0]: ln for ln in target_lines(rs)}
+    assert "personamoe / base = 0.750" in lines["M"]
+    assert "personamoe / base_onednn = 1.500 (paired 1.500) (fastest base)" in lines["M"]
+    # The smallest other overhead is peft_lora's, never a base's.
+    assert "smallest other peft_lora 1000.000 ms" in lines["M"]
+    assert "personamoe / base = 1.100" in lines["L1"] and "base is the fastest base" in lines["L1"]
+    assert "personamoe / peft_lora = 1.100" in lines["train"]
+    assert "naive / personamoe = 3.000" in lines["train"] and "xlora" not in lines["train"]

@@ -31,10 +31,12 @@ from personamoe.bench.runner import (
 )
 
 LAYER_CASES = tuple(bl.CASES)
-ALL_CASES = (*LAYER_CASES, "M")
+DEFAULT_CASES = (*LAYER_CASES, "M")
+# The training step (personamoe/bench/train.py) runs only when named: --cases train.
+ALL_CASES = (*DEFAULT_CASES, "train")
 # Rounds per case: --quick keeps the default run under 3 minutes on a 2-core machine.
-QUICK_ROUNDS = {"L1": 150, "L16": 80, "L256": 20, "M": 3}
-FULL_ROUNDS = {"L1": 400, "L16": 200, "L256": 40, "M": 5}
+QUICK_ROUNDS = {"L1": 150, "L16": 80, "L256": 20, "M": 3, "train": 5}
+FULL_ROUNDS = {"L1": 400, "L16": 200, "L256": 40, "M": 5, "train": 5}
 QUICK_NEW_TOKENS = 8
 # Time budgets in seconds (--provider-budget, --time-budget) by mode; inf: no limit. The quick
 # default stays near a minute on a busy 2-core machine (X-LoRA in the model case dominated it).
@@ -45,8 +47,9 @@ FULL_BUDGETS = (300.0, math.inf)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cases",
-        default=",".join(ALL_CASES),
-        help=f"comma-separated cases from {','.join(ALL_CASES)} (default: all)",
+        default=",".join(DEFAULT_CASES),
+        help=f"comma-separated cases from {','.join(ALL_CASES)} (default: {','.join(DEFAULT_CASES)}"
+        f"; train is a training step, --quick runs it on a tiny model)",
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument(
@@ -192,9 +195,13 @@ def run_model_case(
     providers = [p for p in MODEL_PROVIDERS if wanted is None or p in wanted or p == "base"]
     _log(f"M: building the model (random weights) and {case.num_experts} PEFT adapters")
     bench = ModelBench(case, dtype=dtype, device=args.device)
+    skipped = {p: why for p in providers if (why := bench.unavailable(p))}
     try:
         fns = {}
         for p in providers:
+            if p in skipped:
+                _log(f"M: {p} skipped: {skipped[p]}")
+                continue
             _log(f"M: preparing {p}")
             fns[p] = bench.provider(p)
         rounds = args.repeats or (QUICK_ROUNDS if args.quick else FULL_ROUNDS)["M"]
@@ -218,17 +225,87 @@ def run_model_case(
     for r in results.values():
         r.work = bench.tokens_per_call
         r.note = "; ".join(n for n in (r.note, bench.notes.get(r.provider, "")) if n)
+    for p, why in skipped.items():
+        results[p] = Result("M", p, note=f"skipped: {why}")
+    return [results[p] for p in providers]
+
+
+def run_train_case(
+    args: argparse.Namespace,
+    dtype: torch.dtype,
+    budget: float | None = None,
+    deadline: float | None = None,
+) -> list[Result]:
+    """The training step (personamoe/bench/train.py): forward, backward and AdamW step, timed
+    interleaved with grad enabled; each provider's model and optimizer built before timing."""
+    from personamoe.bench.runner import time_interleaved
+    from personamoe.bench.train import TRAIN, TRAIN_PROVIDERS, TRAIN_TINY, TrainBench
+
+    case = TRAIN_TINY if args.quick else TRAIN
+    wanted = _split(args.providers)
+    providers = [p for p in TRAIN_PROVIDERS if wanted is None or p in wanted]
+    if not providers:
+        raise SystemExit(f"--providers: the train case has {list(TRAIN_PROVIDERS)}")
+    _log(
+        f"train: {case.name} (hidden {case.hidden_size}, {case.num_hidden_layers} layers, random "
+        f"weights), batch {case.batch} x {case.prompt_len} tokens"
+    )
+    bench = TrainBench(case, dtype=dtype, device=args.device)
+    try:
+        fns = {}
+        for p in providers:
+            _log(f"train: preparing {p}")
+            fns[p] = bench.provider(p)
+        rounds = args.repeats or (QUICK_ROUNDS if args.quick else FULL_ROUNDS)["train"]
+        _log(f"train: {rounds} rounds of one optimizer step each")
+        results = time_interleaved(
+            "train",
+            fns,
+            repeats=rounds,
+            warmup=1,
+            device=args.device,
+            progress=_log,
+            clock=args.clock,
+            inference=False,
+            budget=budget,
+            deadline=deadline,
+        )
+    finally:
+        bench.close()
+    for r in results.values():
+        r.work = bench.tokens_per_call
+        r.note = "; ".join(n for n in (r.note, bench.notes.get(r.provider, "")) if n)
     return list(results.values())
+
+
+def _ratio(rs: dict[str, Result], a: str, b: str) -> str:
+    """``a / b`` of the medians and paired round by round, or ``""`` when either has no samples."""
+    if a not in rs or b not in rs or not rs[a].samples or not rs[b].samples:
+        return ""
+    return (
+        f"{a} / {b} = {rs[a].median / rs[b].median:.3f} (paired {paired_ratio(rs[a], rs[b]):.3f})"
+    )
+
+
+# The plain (adapter-free) providers: ratios count against the fastest of these (bl.fastest_base).
+BASES = ("base", "base_onednn")
 
 
 def target_lines(results: list[Result]) -> list[str]:
     """The figures that count (docs/design.md §5.4): personamoe / base (of the medians, and paired
-    round by round), and its overhead against the smallest overhead of the other providers of the
-    same case."""
+    round by round), personamoe / the fastest base (``base`` or ``base_onednn``, when the latter
+    ran), and its overhead against the smallest overhead of the other providers of the same case.
+    The train case: personamoe / peft_lora and naive / personamoe."""
     out = []
     cases = dict.fromkeys(r.case for r in results)
     for case in cases:
         rs = {r.provider: r for r in results if r.case == case}
+        if case == "train":
+            parts = [_ratio(rs, "personamoe", "peft_lora"), _ratio(rs, "naive", "personamoe")]
+            parts += [_ratio(rs, "xlora", "personamoe")]
+            if any(parts):
+                out.append(f"{case}: " + "; ".join(p for p in parts if p))
+            continue
         if "base" not in rs or "personamoe" not in rs:
             continue
         if not rs["base"].samples or not rs["personamoe"].samples:
@@ -238,9 +315,14 @@ def target_lines(results: list[Result]) -> list[str]:
         others = {
             p: r.median - base
             for p, r in rs.items()
-            if p not in ("base", "personamoe", "reference") and r.samples
+            if p not in (*BASES, "personamoe", "reference") and r.samples
         }
         line = f"{case}: personamoe / base = {pm / base:.3f} (paired {paired:.3f})"
+        fastest = bl.fastest_base(rs)
+        if fastest is not None and fastest != "base":
+            line += f"; {_ratio(rs, 'personamoe', fastest)} (fastest base)"
+        elif "base_onednn" in rs and rs["base_onednn"].samples:
+            line += " (base is the fastest base)"
         if others:
             best = min(others, key=lambda p: others[p])
             line += (
@@ -268,14 +350,15 @@ def plot(results: list[Result], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 3.5), squeeze=False)
     for ax, case in zip(axes[0], cases, strict=True):
         rs = [r for r in results if r.case == case]
-        base = next((r.median for r in rs if r.provider == "base"), None)
+        ref = "base" if any(r.provider == "base" for r in rs) else "peft_lora"  # train: no base
+        base = next((r.median for r in rs if r.provider == ref), None)
         vals = [r.median / base if base else r.median for r in rs]
         colors = ["tab:green" if r.provider == "personamoe" else "tab:gray" for r in rs]
         bars = ax.bar([r.provider for r in rs], vals, color=colors)
         ax.bar_label(bars, labels=[f"{v:.2f}" for v in vals], fontsize=8)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_title(case)
-        ax.set_ylabel("time / base (median)")
+        ax.set_ylabel(f"time / {ref} (median)" if base else "seconds (median)")
         if max(vals) > 4:  # X-LoRA in the model case: a log scale keeps the others readable
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -288,7 +371,7 @@ def plot(results: list[Result], path: Path) -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
-    cases = _split(args.cases) or list(ALL_CASES)
+    cases = _split(args.cases) or list(DEFAULT_CASES)
     bad = [c for c in cases if c not in ALL_CASES]
     if bad:
         raise SystemExit(f"--cases: expected some of {','.join(ALL_CASES)}, got {','.join(bad)}")
@@ -331,6 +414,8 @@ def main(args: argparse.Namespace) -> int:
             dl = None if math.isinf(deadline) else deadline
             if c == "M":
                 results += run_model_case(args, dtype, budget, dl)
+            elif c == "train":
+                results += run_train_case(args, dtype, budget, dl)
             else:
                 results += run_layer_case(c, args, dtype, budget, dl)
         payload.update(

@@ -1,7 +1,9 @@
 """The model case M of docs/design.md §5: a random-weight Llama generating greedily, per provider.
 
 Providers, each a real implementation over the same base weights and the same eight adapters:
-``base`` (no adapters), ``peft_lora`` (one PEFT LoRA, unmerged), ``peft_mixed`` (PEFT mixed batch,
+``base`` (no adapters), ``base_onednn`` (no adapters, the seven projections of every decoder layer
+through oneDNN on weights prepacked at build time, as vLLM's CPU build and inductor freezing run
+them; skipped with a note where this CPU's oneDNN lacks the dtype), ``peft_lora`` (one PEFT LoRA, unmerged), ``peft_mixed`` (PEFT mixed batch,
 ``adapter_names`` naming 4 distinct adapters), ``xlora`` (PEFT X-LoRA over the 8 adapters, top-2;
 PEFT 0.21 runs it without a KV cache — measured as it is), ``personamoe`` (the 8 adapters injected
 as a persona bank, top-2, backend ``auto``).
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MODEL_PROVIDERS = ("base", "personamoe", "peft_lora", "peft_mixed", "xlora")
+MODEL_PROVIDERS = ("base", "base_onednn", "personamoe", "peft_lora", "peft_mixed", "xlora")
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,38 @@ def make_adapters(case: ModelCase, base: Any, out_dir: Path) -> dict[str, Path]:
     return {name: out_dir / name for name in names}
 
 
+class OneDNNLinear(torch.nn.Module):
+    """A frozen ``nn.Linear`` computed by oneDNN on a weight prepacked once, at construction
+    (``torch.ops.mkldnn._reorder_linear_weight`` with a batch-size hint): the plain layer as
+    vLLM's CPU build and inductor's CPU freezing run it. Inference only."""
+
+    def __init__(self, linear: torch.nn.Linear, batch_size_hint: int):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_size_hint)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = torch.ops.mkldnn._linear_pointwise(
+            x.reshape(-1, self.in_features), self.packed, self.bias, "none", [], ""
+        )
+        return y.reshape(*lead, self.out_features)
+
+
+def onednn_model(base: Any, batch_size_hint: int) -> Any:
+    """A copy of ``base`` whose decoder layers' seven projections (:data:`TARGETS`) are
+    :class:`OneDNNLinear`; embeddings, norms and the LM head stay as they are."""
+    model = copy.deepcopy(base)
+    for name, module in list(model.model.layers.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
+            parent, attr = name.rsplit(".", 1)
+            packed = OneDNNLinear(module, batch_size_hint)
+            setattr(model.model.layers.get_submodule(parent), attr, packed)
+    return model
+
+
 def prompt(case: ModelCase, device: str = "cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(1, case.vocab_size, (case.batch, case.prompt_len), generator=g).to(device)
@@ -120,6 +154,14 @@ class ModelBench:
         self.adapters = make_adapters(case, self.base, Path(self._tmp.name))
         self.input_ids = prompt(case, device)
         self.notes: dict[str, str] = {}
+
+    def unavailable(self, name: str) -> str:
+        """Why provider ``name`` cannot run here (``""`` when it can)."""
+        if name == "base_onednn":
+            from personamoe.bench.layer import onednn_unavailable
+
+            return onednn_unavailable(self.device, self.dtype)
+        return ""
 
     def close(self) -> None:
         self._tmp.cleanup()
@@ -146,6 +188,14 @@ class ModelBench:
         names = list(self.adapters)
         if name == "base":
             return self._generate(self.base)
+        if name == "base_onednn":
+            why = self.unavailable(name)
+            if why:
+                raise RuntimeError(f"base_onednn: {why}")
+            # Decoding dominates the generate call: hint its token count (one per row).
+            hint = self.case.batch
+            self.notes[name] = f"7 projections per layer prepacked (batch-size hint {hint})"
+            return self._generate(onednn_model(self.base, hint).eval())
         if name == "personamoe":
             import personamoe
 
