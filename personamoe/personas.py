@@ -205,6 +205,21 @@ class PersonaState:
         )
         self.update_flags()
 
+    def ids_on(self, device: torch.device) -> Tensor | None:
+        """The current rows on ``device``: copied once per rows tensor for each device of a model
+        spread over several, not once per layer per step (a copy is kept with the tensor it was
+        made from, so rows restored by ``use_personas`` never meet a stale copy)."""
+        ids = self.ids
+        if ids is None or ids.device == device:
+            return ids
+        copies: dict[torch.device, tuple[Tensor, Tensor]] = self.__dict__.setdefault(
+            "_ids_copies", {}
+        )
+        got = copies.get(device)
+        if got is None or got[0] is not ids:
+            got = copies[device] = (ids, ids.to(device))
+        return got[1]
+
     def update_flags(self) -> None:
         """``has_route`` / ``has_fixed``: which kinds of rows the current batch holds (host side)."""
         all_rows = self.rows

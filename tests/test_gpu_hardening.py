@@ -145,3 +145,20 @@ def test_layer_ids_are_not_read_on_an_accelerator_and_out_of_range_means_no_pers
     monkeypatch.setattr(layers, "_reads_ids", lambda t: False)  # the accelerator's path, on CPU
     got = layers.ids_to_rows(ids, 4)
     assert got.tolist() == [[0, 1, 3], [0, 0, 2]]  # 3 and -5 are out of range: no persona
+
+
+def test_persona_rows_are_copied_to_another_device_once_per_rows_tensor():
+    """A model spread over devices copied the batch's persona rows in every layer of every step;
+    now once per device per rows tensor, and never a stale copy after the rows change."""
+    from personamoe.personas import PersonaState
+
+    st = PersonaState(["a", "b"], "token", None)
+    st.set_ids([0, 0], torch.device("cpu"))
+    meta = torch.device("meta")
+    first = st.ids_on(meta)
+    assert first is not None and first.device == meta
+    assert st.ids_on(meta) is first  # the next layers reuse it
+    assert st.ids_on(torch.device("cpu")) is st.ids
+    st.ids = torch.tensor([0, 0, 0])  # restored by use_personas without set_ids
+    again = st.ids_on(meta)
+    assert again is not first and again is not None and again.shape == (3,)

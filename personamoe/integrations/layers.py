@@ -234,11 +234,9 @@ class PersonaLayer(PersonaMoELinear):
     def _request_rows(
         self, st: PersonaState, lead: torch.Size, device: torch.device
     ) -> Tensor | None:
-        ids = st.ids
+        ids = st.ids_on(device)  # models spread over devices: one copy per device per step
         if ids is None:
             return None
-        if ids.device != device:  # models spread over devices
-            ids = ids.to(device)
         batch = lead[0] if len(lead) else 1
         n = ids.shape[0]
         if n != batch:
