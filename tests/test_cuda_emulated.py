@@ -130,17 +130,20 @@ def _check(a, dtype, *, vec=None, emulated=None):
     torch.testing.assert_close(gates, ref[2], atol=atol, rtol=rtol)
     torch.testing.assert_close(y.float(), ref[0].float(), atol=atol, rtol=rtol)
     if vec is not None:
-        assert emulated.calls[-1]["vec"] == vec
+        assert (emulated.calls[-1]["vec"], emulated.calls[-1]["vec_b"]) == vec
     assert all(c == 0 for c in next(iter(cuda_launch._counters.values())).flatten().tolist())
     return got
 
 
 @pytest.mark.parametrize(
     ("T", "d_in", "d_out", "E", "r", "k", "dtype", "vec"),
-    [(1, 64, 64, 4, 16, 2, torch.float32, True), (7, 40, 24, 3, 4, 2, torch.float32, True),
-     (16, 36, 70, 5, 3, 5, torch.float32, False), (5, 64, 40, 64, 2, 2, torch.float32, False), (9, 44, 40, 7, 5, 3, torch.float32, False),
-     (3, 24, 33, 1, 1, 1, torch.float32, False), (7, 64, 48, 4, 8, 2, torch.float16, True),
-     (4, 48, 40, 3, 8, 3, torch.bfloat16, True), (2, 30, 20, 4, 5, 2, torch.bfloat16, False)],
+    # vec: (16-byte loads of x/A/W, of B). A rank that is not a multiple of the vector width
+    # turns off B's vector loads only (GPU finding 9: it used to turn off the base GEMV's too).
+    [(1, 64, 64, 4, 16, 2, torch.float32, (1, 1)), (7, 40, 24, 3, 4, 2, torch.float32, (1, 1)),
+     (16, 36, 70, 5, 3, 5, torch.float32, (1, 0)), (5, 64, 40, 64, 2, 2, torch.float32, (1, 0)),
+     (9, 44, 40, 7, 5, 3, torch.float32, (1, 0)), (3, 24, 33, 1, 1, 1, torch.float32, (1, 0)),
+     (7, 64, 48, 4, 8, 2, torch.float16, (1, 1)), (4, 48, 40, 3, 8, 3, torch.bfloat16, (1, 1)),
+     (2, 30, 20, 4, 5, 2, torch.bfloat16, (0, 0)), (3, 40, 300, 16, 12, 2, torch.bfloat16, (1, 0))],
 )  # fmt: skip
 @pytest.mark.parametrize("fuse_base", [True, False], ids=["fused_base", "cublas_base"])
 def test_emulated_decode_matches_reference(
@@ -187,6 +190,12 @@ def test_emulated_ties_and_strided_x(emulated):
     got = _check(a._replace(lora_a=lora_a, x=x, weight=w), torch.float32)
     assert got[1].tolist() == [[0, 1]] * 3
     assert emulated.calls[-1]["w_stride"] == d + 8 and emulated.calls[-1]["vec"]
+    # x whose rows are not 16-byte aligned: copied (T rows), so the base keeps its vector loads.
+    buf = torch.randn(3 * d + 1)
+    x_odd = buf[1:].view(3, d)
+    assert x_odd.data_ptr() % 16 != 0
+    _check(a._replace(x=x_odd), torch.float32)
+    assert emulated.calls[-1]["vec"] == 1 and emulated.calls[-1]["x"] != x_odd.data_ptr()
 
 
 def test_emulated_decode_nan_expert_ranks_last(emulated):

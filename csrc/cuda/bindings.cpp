@@ -44,8 +44,6 @@ void bind_decode_params(py::module_& m) {
       .address("topk_gates", &DecodeParams::topk_gates)
       .address("scores", &DecodeParams::scores)
       .address("h_ws", &DecodeParams::h_ws)
-      .address("coef_ws", &DecodeParams::coef_ws)
-      .address("used_ws", &DecodeParams::used_ws)
       .address("counters", &DecodeParams::counters)
       .field("T", &DecodeParams::T)
       .field("d_in", &DecodeParams::d_in)
@@ -58,6 +56,7 @@ void bind_decode_params(py::module_& m) {
       .field("mode", &DecodeParams::mode)
       .field("dtype", &DecodeParams::dtype)
       .field("vec", &DecodeParams::vec)
+      .field("vec_b", &DecodeParams::vec_b)
       .done();
 }
 

@@ -1,21 +1,28 @@
 // Decode kernel: shrink, route and mix of one persona-MoE layer in one launch (T <= 16).
 //
 // The base output x @ W^T + b is computed either by the mix blocks themselves while they wait for
-// the routing (W given: the whole layer in one launch, y written once), or beside the kernel by
-// cuBLAS and passed in `y` (W null), to which the adapters' term is then added in place. One grid of S + M blocks, roles taken by ticket (an
-// atomic counter read at block start, as in decoupled look-back scans) rather than by blockIdx:
-//   tickets [0, S):   shrink. Block s computes rows [16s, 16s+16) of h = x @ A^T for all T
-//                     tokens (fp32 accumulate; 2 rows per warp) into a workspace. The last shrink block to finish (a second
-//                     counter) routes every token: norms, calibration, persona bias (ids outside
-//                     [0, P) = no persona, never read), top-k with ties to the lower index, gates;
-//                     writes the op's outputs, coef = gate * scaling per (token, expert) and the
-//                     set of used experts, then raises a flag.
-//   tickets [S, S+M): mix. Block m waits for the flag, then computes outputs [32m, 32m+32) of
-//                     sum_e coef[t,e] * (B_e @ h_te) over the used experts only (its 8 warps split
-//                     the experts, lanes the outputs) and adds them into y.
+// the shrink (W given: the whole layer in one launch, y written once), or beside the kernel by
+// cuBLAS and passed in `y` (W null), to which the adapters' term is then added in place. One grid
+// of S + M blocks, roles taken by ticket (an atomic counter read at block start, as in decoupled
+// look-back scans) rather than by blockIdx:
+//   tickets [0, S):   shrink. Block s computes rows [4s, 4s+4) of h = x @ A^T for all T tokens:
+//                     warp w takes row w % 4 over half w / 4 of d_in, and the two halves are
+//                     summed in a fixed order (fp32; deterministic), into a workspace. Small
+//                     blocks spread the shrink over E*r/4 SMs (32 at E*r = 128), not 8.
+//   tickets [S, S+M): mix. M is at most the number of blocks the GPU holds at once (no second
+//                     wave of mix blocks); block m takes output tiles m, m+M, ... of 32. For its
+//                     first tile it computes the base while the shrink runs, then waits until all
+//                     S shrink blocks are done, routes every token itself into shared memory
+//                     (norms, calibration, persona bias with ids outside [0, P) = no persona,
+//                     top-k with ties to the lower index, gates; the first mix block also writes
+//                     the op's routing outputs) and mixes sum_e coef[t,e] * (B_e @ h_te) over the
+//                     used experts only (its 8 warps split the experts, lanes the outputs) into y.
+//                     Routing in every mix block costs a few microseconds of redundant work but
+//                     takes the serial "last shrink block routes, then raises a flag" step off
+//                     the critical path.
 // A block that waits holds a ticket later than every shrink ticket, so every shrink block is
-// already running: no deadlock whatever the scheduler does. The last block to exit resets the
-// counters, so the next launch (or graph replay) finds them zero. No host sync anywhere.
+// already running: no deadlock whatever the scheduler does or the grid's size. The last block to
+// exit resets the counters, so the next launch (or graph replay) finds them zero. No host sync.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -31,9 +38,9 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kRowsPerWarp = 2;
-constexpr int kRows = kWarps * kRowsPerWarp;  // rows of A per shrink block (16)
-constexpr int kNOut = 32;  // outputs per mix block (one per lane)
+constexpr int kRows = 4;                    // rows of A per shrink block
+constexpr int kSplits = kWarps / kRows;     // d_in halves per row (summed in a fixed order)
+constexpr int kNOut = 32;  // outputs per mix tile (one per lane)
 constexpr int kSmemFloats = kWarps * kMaxTokens * kMaxRank;  // 8192 floats = 32 KiB
 
 __device__ __forceinline__ float to_f(float v) { return v; }
@@ -87,18 +94,18 @@ __device__ __forceinline__ float warp_sum(float v) {
 // acc[rr][t] = mat[row0 + rr] . x[t] for ROWS rows (row index clamped to last_row) and every token,
 // summed over the warp: the warp's lanes split d_in in V-element vectors. The 8 warps of a block
 // read the same x vectors, so x comes from L2 once per block (then from L1).
+// Vectors [v0, v1) of d_in only (the shrink splits d_in between warps; the base takes all of it).
 template <typename T, int V, int ROWS>
 __device__ void dot_rows(const DecodeParams& p, const T* mat, int64_t ld, int row0, int last_row,
-                         float (&acc)[ROWS][kMaxTokens]) {
+                         int v0, int v1, float (&acc)[ROWS][kMaxTokens]) {
   const int lane = threadIdx.x % 32;
   const T* x = static_cast<const T*>(p.x);
 #pragma unroll
   for (int rr = 0; rr < ROWS; ++rr)
 #pragma unroll
     for (int t = 0; t < kMaxTokens; ++t) acc[rr][t] = 0.f;
-  const int nvec = p.d_in / V;
 #pragma unroll 2  // two iterations' loads in flight per lane (few blocks stream W at decode)
-  for (int v = lane; v < nvec; v += 32) {
+  for (int v = v0 + lane; v < v1; v += 32) {
     float mv[ROWS][V];
 #pragma unroll
     for (int rr = 0; rr < ROWS; ++rr) {
@@ -127,19 +134,28 @@ __device__ void dot_rows(const DecodeParams& p, const T* mat, int64_t ld, int ro
       if (t < p.T) acc[rr][t] = warp_sum(acc[rr][t]);  // t < T is warp-uniform
 }
 
-// Shrink: warp w of block s owns rows [16s + 2w, +2) of h = x @ A^T.
+// Shrink: warp w of block s takes row 4s + w % 4 of h = x @ A^T over half w / 4 of d_in; the
+// halves meet in shared memory and are summed in a fixed order (deterministic h).
 template <typename T, int V>
-__device__ void shrink_rows(const DecodeParams& p, int block) {
+__device__ void shrink_rows(const DecodeParams& p, int block, float* part) {
   const int rows = p.E * p.r;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row0 = block * kRows + warp * kRowsPerWarp;
-  float acc[kRowsPerWarp][kMaxTokens];
-  dot_rows<T, V, kRowsPerWarp>(p, static_cast<const T*>(p.a), p.d_in, row0, rows - 1, acc);
-  if (lane == 0) {
-#pragma unroll
-    for (int rr = 0; rr < kRowsPerWarp; ++rr)
-      for (int t = 0; t < p.T; ++t)
-        if (row0 + rr < rows) p.h_ws[static_cast<int64_t>(t) * rows + row0 + rr] = acc[rr][t];
+  const int row = block * kRows + warp % kRows, split = warp / kRows;
+  const int nvec = p.d_in / V;
+  const int v0 = static_cast<int>(static_cast<int64_t>(nvec) * split / kSplits);
+  const int v1 = static_cast<int>(static_cast<int64_t>(nvec) * (split + 1) / kSplits);
+  float acc[1][kMaxTokens];
+  dot_rows<T, V, 1>(p, static_cast<const T*>(p.a), p.d_in, row, rows - 1, v0, v1, acc);
+  if (lane == 0)
+    for (int t = 0; t < p.T; ++t) part[warp * kMaxTokens + t] = acc[0][t];
+  __syncthreads();
+  for (int i = threadIdx.x; i < kRows * p.T; i += kThreads) {
+    const int rr = i / p.T, t = i % p.T;
+    if (block * kRows + rr < rows) {
+      float v = 0.f;
+      for (int sp = 0; sp < kSplits; ++sp) v += part[(sp * kRows + rr) * kMaxTokens + t];
+      p.h_ws[static_cast<int64_t>(t) * rows + block * kRows + rr] = v;
+    }
   }
 }
 
@@ -151,7 +167,7 @@ __device__ void base_rows(const DecodeParams& p, int block, float* base_s) {
   const int row0 = block * kNOut + warp * kOutPerWarp;
   float acc[kOutPerWarp][kMaxTokens];
   dot_rows<T, V, kOutPerWarp>(p, static_cast<const T*>(p.weight), p.w_stride, row0,
-                              p.d_out - 1, acc);
+                              p.d_out - 1, 0, p.d_in / V, acc);
   if (lane == 0) {
     const T* bias = static_cast<const T*>(p.bias);
 #pragma unroll
@@ -163,8 +179,11 @@ __device__ void base_rows(const DecodeParams& p, int block, float* base_s) {
   }
 }
 
-// Scores, top-k and gates of every token, by one block (h read through L2: other blocks wrote it).
-__device__ void route_all(const DecodeParams& p, float* smem) {
+// Scores, top-k and gates of every token, by each mix block for itself (h read through L2: the
+// shrink blocks wrote it): coef[t, e] = gate * scaling and the list of used experts go to shared
+// memory; only the block with `outputs` set writes the op's scores, top-k indices and gates.
+__device__ void route_tokens(const DecodeParams& p, float* smem, float* coef_s, int* used_s,
+                             bool outputs) {
   const int E = p.E, r = p.r, T = p.T, k = p.k;
   const int rows = E * r;
   float* sc = smem;  // [T, E]
@@ -192,7 +211,7 @@ __device__ void route_all(const DecodeParams& p, float* smem) {
       n += tab;
     }
     sc[i] = n;
-    p.scores[i] = n;
+    if (outputs) p.scores[i] = n;
   }
   __syncthreads();
   if (threadIdx.x < T) {
@@ -213,13 +232,14 @@ __device__ void route_all(const DecodeParams& p, float* smem) {
       sel[j] = best;
       val[j] = n[best];
     }
-    float* coef = p.coef_ws + static_cast<int64_t>(t) * E;
+    float* coef = coef_s + t * kMaxExperts;
     for (int e = 0; e < E; ++e) coef[e] = 0.f;
     if (p.mode == Mode::Fixed) {
-      for (int j = 0; j < k; ++j) {
-        p.topk_idx[t * k + j] = sel[j];
-        p.topk_gates[t * k + j] = val[j];
-      }
+      if (outputs)
+        for (int j = 0; j < k; ++j) {
+          p.topk_idx[t * k + j] = sel[j];
+          p.topk_gates[t * k + j] = val[j];
+        }
       for (int e = 0; e < E; ++e) {
         const float c = n[e] * load_any_f(p.scaling, p.scaling_dtype, e);
         coef[e] = c;
@@ -244,8 +264,10 @@ __device__ void route_all(const DecodeParams& p, float* smem) {
       if (den == 0.f) den = 1.f;
       for (int j = 0; j < k; ++j) {
         const float g = val[j] != ninf ? expf(val[j] * inv_tau - m) / den : 0.f;
-        p.topk_idx[t * k + j] = sel[j];
-        p.topk_gates[t * k + j] = g;
+        if (outputs) {
+          p.topk_idx[t * k + j] = sel[j];
+          p.topk_gates[t * k + j] = g;
+        }
         const float c = g * load_any_f(p.scaling, p.scaling_dtype, sel[j]);
         coef[sel[j]] += c;
         if (c != 0.f) used |= 1ull << sel[j];  // NaN != 0: a NaN token keeps its experts
@@ -257,13 +279,15 @@ __device__ void route_all(const DecodeParams& p, float* smem) {
   if (threadIdx.x == 0) {
     int u = 0;
     for (int e = 0; e < E; ++e)
-      if (used_mask >> e & 1ull) p.used_ws[1 + u++] = e;
-    p.used_ws[0] = u;
+      if (used_mask >> e & 1ull) used_s[1 + u++] = e;
+    used_s[0] = u;
   }
+  __syncthreads();
 }
 
 template <typename T, int V>
-__device__ void mix_outputs(const DecodeParams& p, int block, float* smem, const float* base_s) {
+__device__ void mix_outputs(const DecodeParams& p, int block, float* smem, const float* base_s,
+                            const float* coef_s, const int* used_s) {
   const int E = p.E, r = p.r, Tn = p.T;
   const int rows = E * r;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -274,12 +298,12 @@ __device__ void mix_outputs(const DecodeParams& p, int block, float* smem, const
   float acc[kMaxTokens];
 #pragma unroll
   for (int t = 0; t < kMaxTokens; ++t) acc[t] = 0.f;
-  const int used = __ldcg(p.used_ws);
+  const int used = used_s[0];
   for (int u = warp; u < used; u += kWarps) {
-    const int e = __ldcg(p.used_ws + 1 + u);
+    const int e = used_s[1 + u];
     for (int i = lane; i < Tn * r; i += 32) {
       const int t = i / r, j = i % r;
-      hs[t * kMaxRank + j] = __ldcg(p.coef_ws + static_cast<int64_t>(t) * E + e) *
+      hs[t * kMaxRank + j] = coef_s[t * kMaxExperts + e] *
                              __ldcg(p.h_ws + static_cast<int64_t>(t) * rows + e * r + j);
     }
     __syncwarp();
@@ -317,41 +341,48 @@ __device__ void mix_outputs(const DecodeParams& p, int block, float* smem, const
       y[o] = from_f<T>(base + s);
     }
   }
+  __syncthreads();  // smem (the reduction tiles) is reused by the block's next tile
 }
 
-template <typename T, int V>
+// V: vector width of the loads of x, A and W (their rows and d_in allow it); VB: of B (r allows
+// it). Separate, so that an adapter rank that is not a multiple of 8 keeps the base GEMV's 16-byte
+// loads.
+template <typename T, int V, int VB>
 __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeParams p, int shrink_blocks) {
   __shared__ float smem[kSmemFloats];
-  __shared__ float base_s[kMaxTokens * kNOut];  // the fused base output of a mix block
-  __shared__ int s_ticket, s_last;
+  __shared__ float base_s[kMaxTokens * kNOut];  // the fused base output of a mix tile
+  __shared__ float coef_s[kMaxTokens * kMaxExperts];  // gate * scaling, this block's routing
+  __shared__ int used_s[1 + kMaxExperts];  // count of used experts, then their ids
+  __shared__ int s_ticket;
   if (threadIdx.x == 0) s_ticket = static_cast<int>(atomicAdd(&p.counters[0], 1u));
   __syncthreads();
   const int ticket = s_ticket;
   if (ticket < shrink_blocks) {
-    shrink_rows<T, V>(p, ticket);
+    shrink_rows<T, V>(p, ticket, smem);
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0)
-      s_last = atomicAdd(&p.counters[1], 1u) == static_cast<unsigned>(shrink_blocks - 1);
-    __syncthreads();
-    if (s_last) {
-      __threadfence();
-      route_all(p, smem);
-      __threadfence();
-      __syncthreads();
-      if (threadIdx.x == 0) atomicExch(&p.counters[2], 1u);
-    }
+    if (threadIdx.x == 0) atomicAdd(&p.counters[1], 1u);
   } else {
-    // While the shrink blocks run, a mix block computes its outputs of the base layer (when W is
-    // given), so the wait for the routing costs nothing and y is written once.
-    if (p.weight != nullptr) base_rows<T, V>(p, ticket - shrink_blocks, base_s);
+    const int mix_blocks = static_cast<int>(gridDim.x) - shrink_blocks;
+    const int tiles = (p.d_out + kNOut - 1) / kNOut;
+    int tile = ticket - shrink_blocks;
+    // While the shrink blocks run, compute the first tile's base outputs (when W is given), so
+    // the wait costs nothing and y is written once.
+    if (p.weight != nullptr && tile < tiles) base_rows<T, V>(p, tile, base_s);
     if (threadIdx.x == 0) {
       // A volatile load polls L2 without the atomic traffic that would slow the shrink blocks.
-      while (*reinterpret_cast<volatile uint32_t*>(&p.counters[2]) == 0u) __nanosleep(100);
+      while (*reinterpret_cast<volatile uint32_t*>(&p.counters[1]) <
+             static_cast<uint32_t>(shrink_blocks))
+        __nanosleep(100);
       __threadfence();
     }
     __syncthreads();
-    mix_outputs<T, V>(p, ticket - shrink_blocks, smem, base_s);
+    route_tokens(p, smem, coef_s, used_s, ticket == shrink_blocks);
+    for (; tile < tiles; tile += mix_blocks) {
+      if (p.weight != nullptr && tile != ticket - shrink_blocks) base_rows<T, V>(p, tile, base_s);
+      __syncthreads();
+      mix_outputs<T, VB>(p, tile, smem, base_s, coef_s, used_s);
+    }
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -365,28 +396,55 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeParams p, int sh
 #ifdef PERSONAMOE_CPU_EMULATION
 // Defined by emu/emulate.cpp (which includes this file): runs the grid's blocks one after another
 // on the calling thread, in ticket order.
-template <typename T, int V>
+template <typename T, int V, int VB>
 void emulate_grid(const DecodeParams& p, int shrink_blocks, int mix_blocks);
 #endif
 
-template <typename T, int V>
+// How many blocks of this kernel the current device holds at once (SMs x blocks per SM), cached per
+// device: the mix blocks never exceed it, so none waits for a second wave.
+template <typename T, int V, int VB>
+int resident_blocks() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) dev = 0;
+  static int cache[64] = {};
+  if (dev < 64 && cache[dev] > 0) return cache[dev];
+  int sms = 0, per_sm = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_kernel<T, V, VB>, kThreads, 0);
+  const int n = (sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1);
+  if (dev < 64) cache[dev] = n;
+  return n;
+}
+
+template <typename T, int V, int VB>
 cudaError_t launch_grid(const DecodeParams& p, cudaStream_t stream) {
   const int shrink_blocks = (p.E * p.r + kRows - 1) / kRows;
-  const int mix_blocks = (p.d_out + kNOut - 1) / kNOut;
+  const int tiles = (p.d_out + kNOut - 1) / kNOut;
+  // No more mix blocks than the GPU holds at once: a block per tile up to that, then each block
+  // strides over several tiles. Those that do not fit beside the shrink blocks at first start
+  // when the (short) shrink blocks exit, which is also when the routing they wait for is ready.
+  const int resident = resident_blocks<T, V, VB>();
+  const int mix_blocks = tiles < resident ? tiles : resident;
 #ifdef PERSONAMOE_CPU_EMULATION
   (void)stream;
-  emulate_grid<T, V>(p, shrink_blocks, mix_blocks);
+  emulate_grid<T, V, VB>(p, shrink_blocks, mix_blocks);
 #else
   const dim3 grid(shrink_blocks + mix_blocks), block(kThreads);
-  decode_kernel<T, V><<<grid, block, 0, stream>>>(p, shrink_blocks);
+  decode_kernel<T, V, VB><<<grid, block, 0, stream>>>(p, shrink_blocks);
 #endif
   return cudaGetLastError();
+}
+
+template <typename T, int V>
+cudaError_t launch_b(const DecodeParams& p, cudaStream_t stream) {
+  constexpr int VB = 16 / sizeof(T);
+  return p.vec_b ? launch_grid<T, V, VB>(p, stream) : launch_grid<T, V, 1>(p, stream);
 }
 
 template <typename T>
 cudaError_t launch_typed(const DecodeParams& p, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
-  return p.vec ? launch_grid<T, V>(p, stream) : launch_grid<T, 1>(p, stream);
+  return p.vec ? launch_b<T, V>(p, stream) : launch_b<T, 1>(p, stream);
 }
 
 }  // namespace

@@ -41,15 +41,14 @@ struct DecodeParams {
   float* topk_gates = nullptr;        // [T, k]
   float* scores = nullptr;            // [T, E]
   float* h_ws = nullptr;              // workspace [T, E*r] fp32
-  float* coef_ws = nullptr;           // workspace [T, E] fp32
-  int32_t* used_ws = nullptr;         // workspace [1 + E]: count of used experts, then their ids
   uint32_t* counters = nullptr;       // [4], zero on entry; the kernel leaves them zero again
   int T = 0, d_in = 0, d_out = 0, E = 0, r = 0, k = 0;
   float temperature = 1.0f;
   Normalize normalize = Normalize::TopK;
   Mode mode = Mode::Token;            // Fixed: `table` holds persona_weights
   DType dtype = DType::F32;           // of x, A, B, W, bias and y: F32, F16 or BF16
-  int vec = 0;  // 1 when x rows, A, B, W rows, d_in and r allow 16-byte loads (host-checked)
+  int vec = 0;    // 1 when x rows, A, W rows and d_in allow 16-byte loads (host-checked)
+  int vec_b = 0;  // 1 when B and r allow 16-byte loads (host-checked)
 };
 
 // Launch on `stream` (a cudaStream_t as an address; the CPU emulation of the tests runs the grid

@@ -110,10 +110,7 @@ def persona_moe_linear(a: LayerArgs) -> LayerOutputs:
     idx = torch.empty(T, k, dtype=torch.int32, device=dev)
     gates = torch.empty(T, k, dtype=torch.float32, device=dev)
     n = torch.empty(T, E, dtype=torch.float32, device=dev)
-    n_h, n_coef = T * E * r, T * E
-    ws = torch.empty(n_h + n_coef + E + 1, dtype=torch.float32, device=dev)
-    h_ws, coef_ws = ws[:n_h], ws[n_h : n_h + n_coef]
-    used_ws = ws[n_h + n_coef :].view(torch.int32)
+    h_ws = torch.empty(T * E * r, dtype=torch.float32, device=dev)
     stream = torch.cuda.current_stream(dev).cuda_stream
     counters = _get_counters(dev, stream)
 
@@ -128,15 +125,18 @@ def persona_moe_linear(a: LayerArgs) -> LayerOutputs:
     scaling = a.scaling.contiguous()
     cal = a.calibration.contiguous() if a.calibration is not None else None
     vlen = 16 // x.element_size()
+    if d_in % vlen == 0 and not (x.stride(0) % vlen == 0 and _aligned(x)):
+        x = x.contiguous() if not x.is_contiguous() else x.clone()  # T rows: cheap, and aligned
+    # Two flags: the input side (x, A, W rows; d_in) and B (r). A rank that is not a multiple of
+    # the vector width must not cost the base GEMV its 16-byte loads.
     vec = (
         d_in % vlen == 0
-        and r % vlen == 0
         and x.stride(0) % vlen == 0
         and _aligned(x)
         and _aligned(lora_a)
-        and _aligned(lora_b)
         and (w is None or (w.stride(0) % vlen == 0 and _aligned(w)))
     )
+    vec_b = r % vlen == 0 and _aligned(lora_b)
     codes = kernel_codes(_C_cuda)
     dt = codes.dtype
     # One call with the fields of DecodeParams (csrc/cuda/decode.h) as keywords, read straight
@@ -155,9 +155,9 @@ def persona_moe_linear(a: LayerArgs) -> LayerOutputs:
         weight=w.data_ptr() if w is not None else 0, w_stride=w.stride(0) if w is not None else 0,
         bias=bias.data_ptr() if bias is not None else 0,
         y=y.data_ptr(), topk_idx=idx.data_ptr(), topk_gates=gates.data_ptr(), scores=n.data_ptr(),
-        h_ws=h_ws.data_ptr(), coef_ws=coef_ws.data_ptr(), used_ws=used_ws.data_ptr(),
-        counters=counters.data_ptr(), T=T, d_in=d_in, d_out=d_out, E=E, r=r, k=k,
+        h_ws=h_ws.data_ptr(), counters=counters.data_ptr(), T=T, d_in=d_in, d_out=d_out, E=E, r=r, k=k,
         temperature=float(a.temperature), normalize=codes.normalize[a.normalize],
         mode=codes.fixed if fixed else codes.token, dtype=dt[x.dtype], vec=int(vec),
+        vec_b=int(vec_b),
     )  # fmt: skip
     return y, idx, gates, n

@@ -32,6 +32,25 @@ inline cudaError_t cudaRuntimeGetVersion(int* v) {
   *v = 0;
   return 0;
 }
+// A pretend device of EMU_SMS multiprocessors holding one block each: a grid far smaller than a
+// real GPU's, so the emulated tests run the mix blocks' grid-stride loop over many tiles.
+#ifndef EMU_SMS
+#define EMU_SMS 3
+#endif
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return 0;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) {
+  *v = EMU_SMS;
+  return 0;
+}
+template <typename K>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K, int, size_t) {
+  *n = 1;
+  return 0;
+}
 
 namespace emu {
 // The threads of one block are fibers (ucontext) of one OS thread, switched at barriers only:

@@ -18,21 +18,21 @@
 namespace personamoe_cuda {
 namespace {
 
-template <typename T, int V>
+template <typename T, int V, int VB>
 struct Grid {
   static inline const DecodeParams* params = nullptr;
   static inline int shrink_blocks = 0;
   static void fiber() {
-    decode_kernel<T, V>(*params, shrink_blocks);
+    decode_kernel<T, V, VB>(*params, shrink_blocks);
     emu::finished = true;  // then back to the scheduler through uc_link
   }
 };
 
-template <typename T, int V>
+template <typename T, int V, int VB>
 void emulate_grid(const DecodeParams& p, int shrink_blocks, int mix_blocks) {
   emu::grid_dim.x = static_cast<unsigned>(shrink_blocks + mix_blocks);
-  Grid<T, V>::params = &p;
-  Grid<T, V>::shrink_blocks = shrink_blocks;
+  Grid<T, V, VB>::params = &p;
+  Grid<T, V, VB>::shrink_blocks = shrink_blocks;
   emu::block_barrier.count = kThreads;
   for (int w = 0; w < kWarps; ++w) emu::warp_barriers[w].count = 32;
   constexpr size_t kStack = 64 * 1024;
@@ -46,7 +46,7 @@ void emulate_grid(const DecodeParams& p, int shrink_blocks, int mix_blocks) {
       c.uc_stack.ss_sp = stacks.data() + t * kStack;
       c.uc_stack.ss_size = kStack;
       c.uc_link = &emu::sched_ctx;
-      makecontext(&c, &Grid<T, V>::fiber, 0);
+      makecontext(&c, &Grid<T, V, VB>::fiber, 0);
       emu::fiber_idx[t].x = static_cast<unsigned>(t);
     }
     std::vector<bool> done(kThreads, false);
