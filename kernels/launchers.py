@@ -74,8 +74,12 @@ def choose_paths(T: int, E: int, r: int, k: int, fixed: bool) -> tuple[str, str]
     return regime, base
 
 
-def persona_moe_linear(a: LayerArgs) -> LayerOutputs:
-    """The layer of docs/design.md §1 on 2-D ``x``: ``(y, topk_idx, topk_gates, scores)``."""
+def persona_moe_linear(a: LayerArgs, y_given: torch.Tensor | None = None) -> LayerOutputs:
+    """The layer of docs/design.md §1 on 2-D ``x``: ``(y, topk_idx, topk_gates, scores)``.
+
+    With ``y_given`` (``[T, d_out]``, unit inner stride, holding the base output the caller
+    computed) the adapters' term is added into it in place; ``a.weight``/``a.bias`` are not read.
+    """
     x = a.x
     T = x.shape[0]
     E, r, _ = a.lora_a.shape
@@ -83,6 +87,8 @@ def persona_moe_linear(a: LayerArgs) -> LayerOutputs:
     k = min(a.top_k, E)
     fixed = a.persona_weights is not None
     regime, base_mode = choose_paths(T, E, r, k, fixed)
+    if y_given is not None:
+        base_mode = "given"
 
     h_parts = shrink_parts(x, a.lora_a)
     # The route kernel sums the split partials in split order into h_parts[0] (deterministic h).
@@ -104,7 +110,7 @@ def persona_moe_linear(a: LayerArgs) -> LayerOutputs:
             lora_b=a.lora_b, parts=parts, interpret=_INTERPRET,
         )  # fmt: skip
     else:
-        y = torch.nn.functional.linear(x, a.weight, a.bias)
+        y = torch.nn.functional.linear(x, a.weight, a.bias) if y_given is None else y_given
         linear_mix(
             y, x=None, weight=None, bias=None, base=y, h=h, coef=dense_coef,
             lora_b=a.lora_b, parts=parts, interpret=_INTERPRET,

@@ -17,6 +17,7 @@ from personamoe.integrations import (
     unmerge,
 )
 from personamoe.integrations.model_personas import add_persona, remove_persona, use_personas
+from personamoe.mix_op import persona_moe_mix_
 from personamoe.nn import PersonaMoELinear
 from personamoe.ops import persona_moe_linear
 from personamoe.personas import Persona
@@ -38,6 +39,7 @@ __all__ = [
     "load_bank",
     "merge",
     "persona_moe_linear",
+    "persona_moe_mix_",
     "reference",
     "remove_persona",
     "routing_stats",

@@ -110,8 +110,12 @@ def _f32c(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def fused_forward(a: LayerArgs) -> LayerOutputs:
+def fused_forward(a: LayerArgs, y_given: Tensor | None = None) -> LayerOutputs:
     """The whole layer through the fused kernel (fp32, bf16 or fp16 CPU tensors; 2-D ``x``).
+
+    With ``y_given`` (``[T, d_out]``, dtype of ``x``, unit inner stride, any row stride: e.g. the
+    columns of one part of a fused layer's output) the base is not computed: the mix is added into
+    ``y_given`` in place and ``a.weight``/``a.bias`` are not read.
 
     The caller has validated shapes, dtypes and devices; everything the kernel reads is made
     contiguous here (a no-op for the usual layouts). Persona ids of any value are safe: the kernel
@@ -130,8 +134,10 @@ def fused_forward(a: LayerArgs) -> LayerOutputs:
     # BLAS there and y is written once), through BLAS beside it for more (see csrc/layer.h).
     w = a.weight
     b = a.bias
-    in_kernel = 0 < T <= BASE_IN_KERNEL_MAX_TOKENS and w.is_contiguous()
-    if in_kernel:
+    in_kernel = y_given is None and 0 < T <= BASE_IN_KERNEL_MAX_TOKENS and w.is_contiguous()
+    if y_given is not None:  # the caller computed the base: the kernel adds the mix into it
+        y = y_given
+    elif in_kernel:
         if b is not None and not b.is_contiguous():
             b = b.contiguous()
         y = _empty((T, w.shape[0]), dtype=x.dtype)
@@ -192,3 +198,7 @@ class CppBackend(Backend):
 
     def run(self, a: LayerArgs) -> LayerOutputs:
         return fused_forward(a)
+
+    def mix_run(self, a: LayerArgs, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        _, idx, gates, n = fused_forward(a, y_given=y)
+        return idx, gates, n

@@ -43,3 +43,15 @@ class CudaBackend(Backend):
         from personamoe.backends import cuda_launch
 
         return cuda_launch.persona_moe_linear(args)
+
+    def mix_run(
+        self, args: LayerArgs, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # The mixture alone (a base computed elsewhere) goes through the Triton kernels, which
+        # take any T; the decode kernel is built around its fused base.
+        from personamoe.backends.triton_backend import TritonBackend
+
+        triton = TritonBackend()
+        if triton.available()[0]:
+            return triton.mix_run(args, y)
+        return super().mix_run(args, y)

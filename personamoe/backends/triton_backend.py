@@ -50,3 +50,16 @@ class TritonBackend(Backend):
             )
 
         return launchers.persona_moe_linear(args)
+
+    def mix_run(
+        self, args: LayerArgs, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from personamoe.kernels import launchers
+
+        if args.x.device.type == "cpu" and args.x.dtype == torch.bfloat16:
+            raise ValueError(
+                "x: expected float32 or float16 for the Triton interpreter on CPU (it computes "
+                "bfloat16 dots wrongly), got torch.bfloat16; use the cpp backend on CPU"
+            )
+        _, idx, gates, n = launchers.persona_moe_linear(args, y_given=y)
+        return idx, gates, n
