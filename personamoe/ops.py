@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from personamoe import reference
 from personamoe._validation import check_layer_args
 from personamoe.backends import resolve_backend
+from personamoe.backward import adapter_grads
 from personamoe.layer_args import LayerArgs
 
 __all__ = ["persona_moe_linear", "persona_moe_linear_op"]
@@ -94,11 +94,11 @@ def _backward(
     grad_gates: Tensor | None,
     grad_scores: Tensor | None,
 ) -> tuple[Tensor | None, ...]:
-    """Replays the forward in the reference with the forward's top-k fixed, then differentiates.
+    """Analytic gradients: the base term's directly, the adapter term's in a few GEMMs
+    (:func:`personamoe.backward.adapter_grads`) with the forward's top-k fixed.
 
-    The choice of experts has no gradient (docs/design.md §2.5); the gates' gradient flows through the
-    norms into ``h``. Replaying keeps one source of truth for the math until faster backward
-    kernels land.
+    The choice of experts has no gradient (docs/design.md §2.5); the gates' gradient flows through
+    the norms into ``h``. No autograd graph is built and no forward is replayed.
     """
     (
         x,
@@ -115,7 +115,7 @@ def _backward(
     ) = ctx.saved_tensors
     wants = ctx.needs_input_grad
     if torch.is_grad_enabled():
-        # create_graph=True: the replay below differentiates detached leaves, so a second
+        # create_graph=True: the backward below is written out without autograd, so a second
         # derivative through it would be silently wrong. Refuse rather than return it.
         raise RuntimeError(
             "persona_moe_linear: double backward (create_graph=True) is not supported; "
@@ -129,51 +129,37 @@ def _backward(
                 "to x, weight, bias, lora_a and lora_b only), got requires_grad=True; "
                 f"detach it, or train it through personamoe.reference"
             )
-    diff_inputs = {0: x, 1: weight, 2: bias, 3: lora_a, 4: lora_b}
     grads: list[Tensor | None] = [None] * 13
-    # The base term x W^T + b is linear: its gradients are one GEMM each, so the replay below
-    # leaves it out (replaying it would cost a full forward base GEMM per backward).
+    # The base term x W^T + b is linear: its gradients are one GEMM each.
     if wants[1]:
         grads[1] = (grad_y.t().to(x.dtype) @ x).to(weight.dtype)
     if bias is not None and wants[2]:
         grads[2] = grad_y.sum(dim=0).to(bias.dtype)
-    targets = {
-        i: t for i, t in diff_inputs.items() if i in (0, 3, 4) and t is not None and wants[i]
-    }
-    if not targets:
-        return tuple(grads)
-    with torch.enable_grad():
-        leaves = {i: t.detach().requires_grad_(True) for i, t in targets.items()}
-        xx, ww, bb, aa, lb = (leaves.get(i, diff_inputs[i]) for i in range(5))
-        assert xx is not None and ww is not None and aa is not None and lb is not None
-        y, _, gates, n = reference.persona_moe_linear_full(
-            xx,
-            ww,
-            bb,
-            aa,
-            lb,
+    adapter_dx = None
+    if wants[0] or wants[3] or wants[4]:
+        adapter_dx, grads[3], grads[4] = adapter_grads(
+            x,
+            lora_a,
+            lora_b,
             scaling,
-            top_k=ctx.top_k,
+            topk_idx,
+            grad_y,
+            grad_gates,
+            grad_scores,
             temperature=ctx.temperature,
             normalize=ctx.normalize,
             calibration=calibration,
             persona_bias=persona_bias,
             persona_ids=persona_ids,
             persona_weights=persona_weights,
-            topk_idx=topk_idx,
-            base=False,
+            need_x=bool(wants[0]),
+            need_a=bool(wants[3]),
+            need_b=bool(wants[4]),
         )
-        outs, douts = [y], [grad_y]
-        for out, g in ((gates, grad_gates), (n, grad_scores)):
-            if g is not None and out.requires_grad:
-                outs.append(out)
-                douts.append(g)
-        got = torch.autograd.grad(outs, list(leaves.values()), douts, allow_unused=True)
-    for i, g in zip(leaves, got, strict=True):
-        grads[i] = g if g is not None else torch.zeros_like(leaves[i])
     if wants[0]:
         base_gx = grad_y.to(weight.dtype) @ weight
-        grads[0] = base_gx.to(x.dtype) if grads[0] is None else grads[0] + base_gx.to(x.dtype)
+        assert adapter_dx is not None
+        grads[0] = adapter_dx.add_(base_gx).to(x.dtype)
     return tuple(grads)
 
 
