@@ -56,7 +56,97 @@ def test_gpu_check_smoke_writes_results_and_every_check_passes(tmp_path):
     assert sum(r["topk_far_tokens"] for r in far) > 0
     assert all(r["bitwise_repeat"] for r in rows if r["case"].startswith("dup_experts"))
     assert results["bench"] and all(row["ms"] for row in results["bench"])
+    _check_new_sections(results)
     md = (tmp_path / "gpu_check.md").read_text()
     assert "Correctness:" in md and "FAIL" not in md
+    for title in ("Stress:", "Two streams at once:", "Triton compile facts: skipped",
+                  "Eager with persona ids", "Prefill sweep"):  # fmt: skip
+        assert title in md, title
     # Written atomically: no temporaries left beside the results.
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _check_new_sections(results: dict) -> None:
+    """The sections of the GPU-hardening issue are in the JSON, each with results or a recorded
+    reason for skipping what needs a GPU; in the run order of the module docstring."""
+    order = [k for k in results if k in ("device", "stress", "streams", "bench", "triton_compile",
+                                         "bench_ids", "bench_prefill", "train")]  # fmt: skip
+    assert order == ["device", "stress", "streams", "bench", "triton_compile", "bench_ids",
+                     "bench_prefill", "train"], order  # fmt: skip
+    assert not [k for k in results if k.endswith("_error")], results
+
+    stress = {r["case"]: r for r in results["stress"]}
+    for entry in ("public", "op"):
+        for be in ("auto", "triton"):
+            r = stress[f"eager_decode_x20_{entry}_{be}"]
+            assert r["ok"] and "skipped" not in r, r
+            assert len(r["last_checks"]) == 4 and all(c["ok"] for c in r["last_checks"]), r
+            assert sum(c["topk_exact"] for c in r["last_checks"]) >= 3, r
+    graph = stress["graph_stack4_x4_triton_T2"]
+    assert "CUDA graphs need a GPU" in graph["skipped"], graph
+    assert graph["ok"] and graph["checks"] == 3 * 4 and not graph["failed_checks"], graph
+
+    (streams,) = results["streams"]
+    assert "two CUDA streams need a GPU" in streams["skipped"], streams
+    assert streams["ok"] and streams["stream1"]["ok"] and streams["stream2"]["ok"], streams
+
+    facts = results["triton_compile"]
+    assert "interpreter" in facts["skipped"] and facts["kernels"] == [], facts
+
+    ids = results["bench_ids"]
+    assert [r["case"] for r in ids] == ["S1", "S16"], ids
+    for r in ids:
+        assert {"base", "pm", "pm_ids", "pm_op", "pm_op_ids"} <= r["ms"].keys(), r
+        assert not r.get("errors") and r["pm_ids_over_pm"] > 0 and r["roofline_ms"] > 0, r
+    pre = results["bench_prefill"]
+    assert [r["case"] for r in pre] == ["P32", "P64"], pre
+    for r in pre:
+        assert {"base", "pm"} <= r["ms"].keys() and not r.get("errors"), r
+        assert r["roofline_ms"] > r["roofline_base_ms"] > 0, r
+        assert r["summary_ms"]["time_over_roofline"] > 0, r
+
+
+def _gpu_check_module():
+    """benchmarks/gpu_check.py imported as a module (not ``--smoke``: its helpers only)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_check_routed_fails_wrong_outputs_and_passes_right_ones():
+    """The stress/streams checker: the reference's own outputs pass; a wrong ``y`` on one token, a
+    wrong gate, a NaN, or a top-k swapped on a clear gap each fail."""
+    import torch
+
+    from personamoe import reference
+    from personamoe.testing import make_layer_args
+
+    gc = _gpu_check_module()
+    pb = torch.zeros(3, 8)
+    pb[1] = float("-inf")
+    pb[1, 2] = 0.0
+    a = make_layer_args(6, 32, 24, 8, 4, torch.float32, seed=3)._replace(
+        persona_bias=pb, persona_ids=torch.tensor([0, 1, -1, 2, 1, 0])
+    )
+    y, idx, gates, scores = reference.forward(a)
+    good = gc.check_routed(y, idx, gates, a)
+    assert good["ok"] and good["topk_exact"] == 6, good
+
+    y_bad = y.clone()
+    y_bad[2, 5] += 1.0
+    assert not gc.check_routed(y_bad, idx, gates, a)["ok"]
+    g_bad = gates.clone()
+    g_bad[0, 0] += 0.1
+    assert not gc.check_routed(y, idx, g_bad, a)["ok"]
+    y_nan = y.clone()
+    y_nan[3, 0] = float("nan")
+    assert not gc.check_routed(y_nan, idx, gates, a)["ok"]
+    # Token 0: replace its second pick by its lowest-scoring expert (far from a tie).
+    idx_bad = idx.clone()
+    idx_bad[0, 1] = scores[0].argmin().to(idx.dtype)
+    r = gc.check_routed(y, idx_bad, gates, a)
+    assert not r["ok"] and r["topk_exact"] == 5 and r["topk_near_tie"] == 0, r
