@@ -150,3 +150,50 @@ def test_check_routed_fails_wrong_outputs_and_passes_right_ones():
     idx_bad[0, 1] = scores[0].argmin().to(idx.dtype)
     r = gc.check_routed(y, idx_bad, gates, a)
     assert not r["ok"] and r["topk_exact"] == 5 and r["topk_near_tie"] == 0, r
+
+
+_FACTS_CHILD = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import importlib.util
+import triton
+from triton.backends.compiler import GPUTarget
+from personamoe.kernels import mix
+from tests.test_triton_compile import CASES
+from tests.test_triton_oldest import _source
+
+name, kname, dtype, overrides, const, arch, options = next(c for c in CASES if c[0] == "align_E8_sm80")
+k = triton.compile(_source(mix._align_kernel, kname, dtype, overrides, const),
+                   target=GPUTarget("cuda", arch, 32), options=options)
+spec = importlib.util.spec_from_file_location("gc", sys.argv[2])
+gc = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gc)
+# A JIT cache as Triton >= 3.3 holds it: device -> (kernel_cache, ...), kernel_cache: key -> kernel.
+mix._align_kernel.device_caches = {0: ({"spec-a": k}, {}, None, None, None)}
+before = gc.jit_keys()
+mix._align_kernel.device_caches[0][0]["spec-b"] = k
+print(json.dumps({"before": sorted(map(list, before)),
+                  "facts": gc.triton_compile_section(before)}, default=str))
+"""
+
+
+def test_triton_compile_facts_read_a_compiled_kernel():
+    """The compile-facts section on a real compiled kernel (compiled ahead of time for sm_80 in a
+    child without the interpreter; with no driver ``n_regs``/``n_spills`` stay None): kernel
+    name, constexprs by argument name, warps, shared memory, and which specialisations are new."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _FACTS_CHILD, str(ROOT), str(SCRIPT)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)  # fmt: skip
+    if res.returncode != 0 and "ptxas" in res.stderr.lower():
+        pytest.skip("this Triton build has no ptxas to compile for a GPU")
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["before"] == [["mix._align_kernel", "0", "spec-a"]], got["before"]
+    rows = got["facts"]["kernels"]
+    assert [r["new_in_bench"] for r in rows] == [False, True], rows
+    r = rows[0]
+    assert r["kernel"] == "mix._align_kernel" and r["device"] == "0", r
+    assert r["constexprs"] == {"BLOCK_M": 64, "BLOCK_E": 8, "CHUNK": 1024}, r
+    assert r["num_warps"] == 4 and isinstance(r["shared"], int), r
+    assert {"n_regs", "n_spills", "num_stages"} <= r.keys(), r
