@@ -197,3 +197,18 @@ def test_triton_compile_facts_read_a_compiled_kernel():
     assert r["constexprs"] == {"BLOCK_M": 64, "BLOCK_E": 8, "CHUNK": 1024}, r
     assert r["num_warps"] == 4 and isinstance(r["shared"], int), r
     assert {"n_regs", "n_spills", "num_stages"} <= r.keys(), r
+
+
+@pytest.mark.slow
+def test_gpu_check_sections_stop_when_the_budget_is_spent(tmp_path):
+    """With no time left each new section records the first case of each of its loops as skipped
+    for time instead of running it, and the run still ends cleanly with its results written."""
+    pr = _run("--budget", "1", "--skip", "correctness,train", out=tmp_path)
+    assert pr.returncode == 0, pr.stdout[-3000:] + pr.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    # One row per loop: the stress section has two (eager calls, graph stack).
+    for key, n in (("stress", 2), ("streams", 1), ("bench_ids", 1), ("bench_prefill", 1)):
+        rows = results[key]
+        assert len(rows) == n and all(r["skipped"] == "out of time" for r in rows), (key, rows)
+    assert "bench" not in results and "train" not in results, results.keys()
+    assert "Stress:" in (tmp_path / "gpu_check.md").read_text()
