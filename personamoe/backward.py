@@ -40,6 +40,23 @@ def _masked_softmax(z: Tensor, allowed: Tensor) -> Tensor:
     return e / torch.where(denom == 0, torch.ones_like(denom), denom)
 
 
+def _plain_cpu_eager(t: Tensor) -> bool:
+    """Whether ``t`` is a plain CPU tensor outside any tracing (compile, AOT, fake or proxy
+    modes, tensor subclasses): only then may the backward read a value to pick a path."""
+    return (
+        t.device.type == "cpu"
+        and type(t) in (torch.Tensor, torch.nn.Parameter)
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite, read from one sum (inf and NaN survive a sum; a
+    finite overflow only sends the caller to its exact path). Reads a value: CPU/eager only."""
+    return bool(torch.isfinite(t.sum()))
+
+
 def _softmax_backward(p: Tensor, dp: Tensor) -> Tensor:
     """``dz`` of ``p = softmax(z)`` over the last dim: ``p * (dp - sum(p * dp))``.
 
@@ -67,11 +84,13 @@ def adapter_grads(
     need_x: bool = True,
     need_a: bool = True,
     need_b: bool = True,
+    grad_x_base: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients ``(dx, d lora_a, d lora_b)`` of the adapter term, ``None`` where not needed.
 
-    ``dx`` is in the compute dtype (fp32, or fp64) so that the caller adds the base term's
-    ``dy W`` before the one cast to ``x.dtype``; ``d lora_a`` and ``d lora_b`` are in the dtype of
+    ``dx`` is in the compute dtype (fp32, or fp64), with ``grad_x_base`` (the base term's
+    ``dy W``, ``[T, d_in]``) added if given (in place when it is in the compute dtype), so that
+    the caller casts to ``x.dtype`` once; ``d lora_a`` and ``d lora_b`` are in the dtype of
     their inputs. ``grad_gates [T, k]`` and ``grad_scores [T, E]`` are the incoming gradients of
     the op's ``topk_gates`` and ``scores`` outputs (token mode only: in fixed mode those outputs
     are the persona table's rows and carry no gradient to the inputs).
@@ -109,19 +128,25 @@ def adapter_grads(
     used = coeff != 0  # [T, E]: only these experts touch token t
 
     # Non-finite B: the reference zeroes it for the GEMM and writes NaN rows for the tokens that
-    # use it; those rows (constant NaN) send no gradient anywhere.
+    # use it; those rows (constant NaN) send no gradient anywhere, and B's non-finite entries get
+    # 0. On CPU in eager mode one reduction (a sum is finite only if every entry is) skips those
+    # passes over B and dy when B is finite; elsewhere (no host sync, traceable) they always run.
     b = lora_b.to(cdt)
-    finite = torch.isfinite(b)
-    b = torch.where(finite, b, torch.zeros_like(b))
-    uses_bad = (used & ~finite.flatten(1).all(dim=1)[None, :]).any(dim=1)
     dy = grad_y.to(cdt)
-    dy = torch.where(uses_bad[:, None], torch.zeros_like(dy), dy)
+    finite = None
+    if not _plain_cpu_eager(b) or not _all_finite(b):
+        finite = torch.isfinite(b)
+        b = torch.where(finite, b, torch.zeros_like(b))
+        uses_bad = (used & ~finite.flatten(1).all(dim=1)[None, :]).any(dim=1)
+        dy = torch.where(uses_bad[:, None], torch.zeros_like(dy), dy)
 
     grad_b = None
     if need_b:
         hc = torch.where(used[:, :, None], h * coeff[:, :, None], torch.zeros_like(h))
         db = (dy.t() @ hc.reshape(T, E * r)).reshape(d_out, E, r).permute(1, 0, 2)
-        grad_b = torch.where(finite, db, torch.zeros_like(db)).to(lora_b.dtype)
+        if finite is not None:
+            db = torch.where(finite, db, torch.zeros_like(db))
+        grad_b = db.to(lora_b.dtype).contiguous()
     if not (need_x or need_a):
         return None, None, grad_b
 
@@ -149,5 +174,12 @@ def adapter_grads(
         dh = dh + h * ratio[:, :, None]
     dh_flat = dh.reshape(T, E * r)
     grad_a = (dh_flat.t() @ xc).reshape(E, r, d_in).to(lora_a.dtype) if need_a else None
-    grad_x = dh_flat @ a_flat if need_x else None
+    grad_x = None
+    if need_x:
+        if grad_x_base is not None and grad_x_base.dtype == cdt:
+            grad_x = grad_x_base.addmm_(dh_flat, a_flat)
+        elif grad_x_base is not None:
+            grad_x = torch.addmm(grad_x_base.to(cdt), dh_flat, a_flat)
+        else:
+            grad_x = dh_flat @ a_flat
     return grad_x, grad_a, grad_b

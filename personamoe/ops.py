@@ -135,9 +135,9 @@ def _backward(
         grads[1] = (grad_y.t().to(x.dtype) @ x).to(weight.dtype)
     if bias is not None and wants[2]:
         grads[2] = grad_y.sum(dim=0).to(bias.dtype)
-    adapter_dx = None
+    base_gx = grad_y.to(weight.dtype) @ weight if wants[0] else None
     if wants[0] or wants[3] or wants[4]:
-        adapter_dx, grads[3], grads[4] = adapter_grads(
+        dx, grads[3], grads[4] = adapter_grads(
             x,
             lora_a,
             lora_b,
@@ -155,11 +155,9 @@ def _backward(
             need_x=bool(wants[0]),
             need_a=bool(wants[3]),
             need_b=bool(wants[4]),
+            grad_x_base=base_gx,
         )
-    if wants[0]:
-        base_gx = grad_y.to(weight.dtype) @ weight
-        assert adapter_dx is not None
-        grads[0] = adapter_dx.add_(base_gx).to(x.dtype)
+        grads[0] = None if dx is None else dx.to(x.dtype)
     return tuple(grads)
 
 

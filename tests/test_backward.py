@@ -314,6 +314,20 @@ def test_nan_in_one_tokens_incoming_grad_stays_local(case):
     assert torch.isnan(got[0][0]).any()
 
 
+@pytest.mark.parametrize("case", ["persona_bias", "fixed"])
+def test_exact_non_finite_path_on_finite_b(monkeypatch, case):
+    """The masking passes that GPUs and compiled graphs always run (CPU skips them when B is
+    finite) give the same grads on finite B."""
+    import personamoe.backward as bw
+
+    calls = []
+    monkeypatch.setattr(bw, "_all_finite", lambda t: calls.append(1) or False)
+    args, _ = _case(case, torch.float64, seed=11)
+    got, want, _ = _grads_both(args, DIFF_POS, use_gates=True, use_scores=True, seed=11)
+    assert calls
+    _assert_grads_close(got, want, 1e-10, 1e-10, torch.float64)
+
+
 def test_no_replay_of_the_reference(monkeypatch):
     """The backward builds no graph: the reference forward is not called during backward."""
     args, _ = _case("full_bias_cal", torch.float32)
