@@ -57,12 +57,12 @@ def _all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum()))
 
 
-def _softmax_backward(p: Tensor, dp: Tensor) -> Tensor:
-    """``dz`` of ``p = softmax(z)`` over the last dim: ``p * (dp - sum(p * dp))``.
-
-    Disallowed entries and all-disallowed rows have ``p = 0`` and get 0, as autograd of the
-    reference's masked softmax gives them."""
-    return p * (dp - (p * dp).sum(dim=-1, keepdim=True))
+def _softmax_backward(p: Tensor, dp: Tensor, allowed: Tensor) -> Tensor:
+    """``dz`` of ``p = softmax(z)`` over the ``allowed`` entries of the last dim:
+    ``p * (dp - sum(p * dp))``, exactly 0 on disallowed entries (the reference masks them with
+    ``where``, so a NaN elsewhere in the row does not reach them)."""
+    dz = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
+    return torch.where(allowed, dz, torch.zeros_like(dz))
 
 
 def adapter_grads(
@@ -106,7 +106,7 @@ def adapter_grads(
     idx = topk_idx.long()
 
     fixed = persona_weights is not None
-    norm = gates = p_full = None
+    norm = gates = p_full = allowed = None
     if fixed:
         assert persona_weights is not None
         coeff = persona_rows(persona_weights.to(cdt), persona_ids, T) * s
@@ -118,9 +118,11 @@ def adapter_grads(
         z = n / temperature
         if normalize == "topk":
             zk = z.gather(1, idx)
-            gates = _masked_softmax(zk, ~torch.isneginf(zk))
+            allowed = ~torch.isneginf(zk)
+            gates = _masked_softmax(zk, allowed)
         elif normalize == "full":
-            p_full = _masked_softmax(z, ~torch.isneginf(z))
+            allowed = ~torch.isneginf(z)
+            p_full = _masked_softmax(z, allowed)
             gates = p_full.gather(1, idx)
         else:
             raise ValueError(f"normalize: expected 'topk' or 'full', got {normalize!r}")
@@ -154,18 +156,18 @@ def adapter_grads(
     u = (dy @ b_cat).reshape(T, E, r)
     dh = torch.where(used[:, :, None], u * coeff[:, :, None], torch.zeros_like(u))
     if not fixed:
-        assert norm is not None and gates is not None
+        assert norm is not None and gates is not None and allowed is not None
         # dC[t, e] = <u_e, h_e> on used experts; C = scatter(gates) * s.
         dcoeff = torch.where(used, (u * h).sum(dim=-1), torch.zeros_like(norm)) * s
         dg = dcoeff.gather(1, idx)
         if grad_gates is not None:
             dg = dg + grad_gates.to(cdt)
         if p_full is None:
-            dzk = _softmax_backward(gates, dg)
+            dzk = _softmax_backward(gates, dg, allowed)
             dz = torch.zeros_like(norm).scatter_add(1, idx, dzk)
         else:
             dp = torch.zeros_like(norm).scatter_add(1, idx, dg)
-            dz = _softmax_backward(p_full, dp)
+            dz = _softmax_backward(p_full, dp, allowed)
         dn = dz / temperature
         if grad_scores is not None:
             dn = dn + grad_scores.to(cdt)

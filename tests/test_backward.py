@@ -314,6 +314,33 @@ def test_nan_in_one_tokens_incoming_grad_stays_local(case):
     assert torch.isnan(got[0][0]).any()
 
 
+@pytest.mark.parametrize("case", ["persona_bias", "full_bias_cal"])
+@pytest.mark.parametrize("where", ["grad_y", "grad_gates"])
+def test_nan_incoming_grad_does_not_reach_forbidden_experts(case, where):
+    """A NaN incoming gradient on a token whose persona forbids some experts: the softmax's
+    backward leaves the forbidden ones at exactly 0, as the reference's ``where`` does."""
+    args, _ = _case(case, torch.float64, seed=12)
+    ids = args[11]
+    t = int(torch.nonzero(ids == 1)[0])  # type: ignore[operator]
+    tensors = [a.clone().requires_grad_(True) for a in args[:5]]  # type: ignore[union-attr]
+    y, idx, gates, _ = persona_moe_linear_op(*tensors, *args[5:])
+    gy, gg = torch.randn_like(y), torch.randn_like(gates)
+    (gy if where == "grad_y" else gg)[t, 0] = float("nan")
+    got = torch.autograd.grad([y, gates], tensors, [gy, gg])
+    ref = [a.detach().clone().requires_grad_(True) for a in args[:5]]
+    (s, k, tau, norm, cal, pb, ids, pw) = args[5:]
+    yr, _, gr, _ = R.persona_moe_linear_full(
+        *ref, s, top_k=k, temperature=tau, normalize=norm, calibration=cal,
+        persona_bias=pb, persona_ids=ids, persona_weights=pw, topk_idx=idx,
+    )  # type: ignore[arg-type]  # fmt: skip
+    want = torch.autograd.grad([yr, gr], ref, [gy, gg])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10, equal_nan=True)
+    forbidden = torch.isneginf(pb[1])  # type: ignore[index]
+    assert torch.isfinite(got[3][forbidden]).all()
+    assert torch.isnan(got[3]).any()  # the NaN did reach the experts token t uses
+
+
 @pytest.mark.parametrize("case", ["persona_bias", "fixed"])
 def test_exact_non_finite_path_on_finite_b(monkeypatch, case):
     """The masking passes that GPUs and compiled graphs always run (CPU skips them when B is
