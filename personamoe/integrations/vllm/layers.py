@@ -32,8 +32,7 @@ from personamoe.integrations.bank_format import BANK_TENSORS, LORA_A, LORA_B, te
 from personamoe.integrations.checkpoint.bank_view import read_bank_tensors
 from personamoe.integrations.checkpoint.section import ExportError, PersonaSection
 from personamoe.integrations.vllm.config import current_section, part_targets
-from personamoe.layer_args import LayerArgs
-from personamoe.ops import persona_moe_linear_scores
+from personamoe.mix_op import persona_moe_mix_op
 
 __all__ = [
     "PersonaColumnParallelLinear",
@@ -75,17 +74,23 @@ class PersonaLinearMethod(UnquantizedLinearMethod):
 
     # -- loading ---------------------------------------------------------------------------------
     def process_weights_after_loading(self, layer: Any) -> None:
-        # The op computes the base GEMM itself from ``layer.weight``: ask vLLM's CPU post-processing
-        # to keep the plain weight (its own opt-out for layers it must not prepack).
-        layer._cpu_skip_gemm_dispatch = True
+        # vLLM post-processes the weight as for any unquantized layer (on CPU: prepacked for its
+        # oneDNN GEMM); only a row-parallel layer with TP > 1 needs the plain weight, for its
+        # shards' partial outputs (personamoe.integrations.tp).
+        if self.layout.kind == "row" and self.layout.tp_size > 1:
+            layer._cpu_skip_gemm_dispatch = True
+        # The plain weight's shape, device and dtype, before vLLM may replace it by a packed one.
+        w = layer.weight
+        plain = torch.empty((), device=w.device, dtype=w.dtype).expand(*w.shape)
         super().process_weights_after_loading(layer)
-        self._load_banks(layer)
+        self._load_banks(layer, plain)
 
-    def _load_banks(self, layer: Any) -> None:
+    def _load_banks(self, layer: Any, weight: Tensor) -> None:
+        """The banks of the layer's target parts, sharded like ``weight`` (a stand-in of the
+        plain weight's shape, device and dtype: vLLM may have packed the real one)."""
         from safetensors import safe_open
 
         sec, lay = self.section, self.layout
-        weight = layer.weight
         with safe_open(str(sec.bank_file()), framework="pt") as f:
             present = set(f.keys())
             for part in lay.parts:
@@ -143,34 +148,31 @@ class PersonaLinearMethod(UnquantizedLinearMethod):
     # -- forward ---------------------------------------------------------------------------------
     def apply(self, layer: Any, x: Tensor, bias: Tensor | None = None) -> Tensor:
         lay = self.layout
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        weight = layer.weight
         if lay.kind == "row" and lay.tp_size > 1:
-            y = self._row_parallel(x2, weight, bias)
-        elif len(lay.parts) == 1:
-            y = self._mix(x2, weight, bias, lay.parts[0])
-        else:
-            outs = []
-            for part in lay.parts:
-                w = weight[part.start : part.start + part.size]
-                b = bias[part.start : part.start + part.size] if bias is not None else None
-                outs.append(self._mix(x2, w, b, part))
-            y = torch.cat(outs, dim=-1)
-        return y.reshape(*lead, y.shape[-1])
+            lead = x.shape[:-1]
+            y = self._row_parallel(x.reshape(-1, x.shape[-1]), layer.weight, bias)
+            return y.reshape(*lead, y.shape[-1])
+        # vLLM's own GEMM for the whole (possibly fused) base output, on its fastest path (a
+        # prepacked oneDNN weight on CPU), then each banked part's mixture added into its columns
+        # of that output in place: no second base GEMM, no torch.cat.
+        y = super().apply(layer, x, bias)
+        if not y.is_contiguous():  # the parts below must be views of the output returned
+            y = y.contiguous()
+        x2 = x.reshape(-1, x.shape[-1])
+        y2 = y.reshape(-1, y.shape[-1])
+        for part in lay.parts:
+            if part.bank is not None:
+                self._mix_into(x2, y2[:, part.start : part.start + part.size], part.bank)
+        return y
 
-    def _mix(self, x: Tensor, w: Tensor, b: Tensor | None, part: _Part) -> Tensor:
-        bank = part.bank
-        if bank is None:
-            return F.linear(x, w, b)
+    def _mix_into(self, x: Tensor, y: Tensor, bank: dict[str, Tensor | None]) -> None:
         pb = bank["persona_bias"]
         ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if pb is not None else None
         sec = self.section
-        y, _, _, _ = persona_moe_linear_scores(
-            LayerArgs(x, w, b, bank["lora_A"], bank["lora_B"], bank["scaling"], sec.top_k,  # type: ignore[arg-type]
-                      sec.temperature, sec.normalize, bank["calibration"], pb, ids, None)
+        persona_moe_mix_op(
+            x, y, bank["lora_A"], bank["lora_B"], bank["scaling"], sec.top_k, sec.temperature,
+            sec.normalize, bank["calibration"], pb, ids, None,
         )  # fmt: skip
-        return y
 
     def _row_parallel(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         from vllm.distributed import tensor_model_parallel_all_reduce
