@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from personamoe.bench import layer as bl
 from personamoe.bench.model import MODEL_PROVIDERS, TINY, ModelBench
 from personamoe.bench.runner import Result, ratio_table
 
@@ -38,6 +39,11 @@ def test_bench_layer_case_writes_table_json_and_plot(tmp_path):
     assert {"base", "naive", "dense", "masked", "reference", "personamoe"} <= providers
     assert all(len(r["samples_s"]) == 3 for r in payload["results"])
     assert (tmp_path / "results.png").stat().st_size > 1000
+    # The memory floor of the case, at the bandwidth measured in the same run, printed and kept.
+    roof = payload["rooflines"]["L1"]
+    assert roof["bytes"] == bl.roofline_bytes(bl.CASES["L1"]) and roof["bandwidth_Bps"] > 1e8
+    assert abs(roof["seconds"] - roof["bytes"] / roof["bandwidth_Bps"]) < 1e-12
+    assert "L1: roofline " in out.stdout and "x of it" in out.stdout
 
 
 def test_bench_rejects_unknown_case(tmp_path):

@@ -401,6 +401,11 @@ def main(args: argparse.Namespace) -> int:
         "time_budget_s": time_budget if math.isfinite(time_budget) else None,
     }
     results: list[Result] = []
+    rooflines = measure_rooflines(cases, args.device, dtype)
+    if rooflines:
+        payload["rooflines"] = rooflines
+        for line in roofline_lines(rooflines):
+            print(line)
     start = time.perf_counter()
     for i, c in enumerate(cases):
         left = time_budget - (time.perf_counter() - start)
@@ -429,10 +434,51 @@ def main(args: argparse.Namespace) -> int:
     print()
     for line in target_lines(results):
         print(line)
+    for line in roofline_lines(rooflines, results):
+        print(line)
     wrote_png = plot(results, out / "results.png")
     print(f"\nwrote {out / 'results.json'}" + (f" and {out / 'results.png'}" if wrote_png else ""))
     print(f"total {time.time() - t0:.0f} s")
     return 0
+
+
+def measure_rooflines(
+    cases: list[str], device: str, dtype: torch.dtype
+) -> dict[str, dict[str, float]]:
+    """Per layer case: the bytes it must move at least once (``bench.layer.roofline_bytes``), this
+    machine's streaming bandwidth (a large copy, measured once now) and their quotient, the memory
+    floor of one call. CPU only (the GPU check measures its own card's)."""
+    import dataclasses
+
+    layer_cases = [c for c in cases if c in bl.CASES]
+    if device != "cpu" or not layer_cases:
+        return {}
+    bw = bl.stream_bandwidth()
+    out = {}
+    for c in layer_cases:
+        n = bl.roofline_bytes(dataclasses.replace(bl.CASES[c], dtype=dtype))
+        out[c] = {"bytes": float(n), "bandwidth_Bps": bw, "seconds": n / bw}
+    return out
+
+
+def roofline_lines(
+    rooflines: dict[str, dict[str, float]], results: list[Result] | None = None
+) -> list[str]:
+    """One line per layer case: its memory floor, and personamoe's median against it."""
+    lines = []
+    for c, r in rooflines.items():
+        line = (
+            f"{c}: roofline {r['bytes'] / 2**20:.1f} MiB at {r['bandwidth_Bps'] / 1e9:.1f} GB/s "
+            f"(measured copy) = {r['seconds'] * 1e3:.3f} ms"
+        )
+        pm = next(
+            (x for x in results or [] if x.case == c and x.provider == "personamoe" and x.samples),
+            None,
+        )
+        if pm is not None:
+            line += f"; personamoe {pm.median * 1e3:.3f} ms = {pm.median / r['seconds']:.2f}x of it"
+        lines.append(line)
+    return lines
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
