@@ -239,3 +239,75 @@ def test_bank_and_section_disagree_on_experts(folders: dict[str, Path], tmp_path
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ExportError, match=r"personamoe.experts'.*disagrees with the bank"):
         load_exported(out)
+
+
+def test_personas_travel_with_the_export(folders: dict[str, Path], tmp_path: Path) -> None:
+    """Personas given to the export (API and CLI) are saved with the bank, listed by name in the
+    section, and registered again by load_exported: the same names serve in transformers."""
+    from personamoe import Persona, use_personas
+    from personamoe.__main__ import main
+    from personamoe.integrations.model_personas import state_of
+
+    out = tmp_path / "with-personas"
+    args = ["export", "--base", str(folders["base"]), "--out", str(out), "--top-k", "2",
+            "--persona", "warm:allow=calm,formal", "--persona", "lean:bias=calm=1.5,formal=-2",
+            "--persona", "mix:weights=calm=0.7,formal=0.3", "--adapters"]  # fmt: skip
+    args += [f"{n}={folders['adapters'] / n}" for n in tiny.ADAPTERS]
+    assert main(args) == 0
+    sec = read_section(json.loads((out / "config.json").read_text()), out / "config.json")
+    assert sec.personas == ("warm", "lean", "mix")
+    model = load_exported(out).eval()
+    got = state_of(model).registered
+    assert list(got) == ["warm", "lean", "mix"]
+    assert got["warm"].allow == ("calm", "formal") and got["lean"].bias == {
+        "calm": 1.5,
+        "formal": -2.0,
+    }
+    assert got["mix"].weights == {"calm": 0.7, "formal": 0.3}
+    # A named persona gives what the same Persona object given ad hoc gives.
+    ids = _ids()
+    with torch.no_grad(), use_personas(model, ["mix", "warm"]):
+        named = model(ids).logits
+    with torch.no_grad(), use_personas(model, [Persona("m", weights={"calm": 0.7, "formal": 0.3}),
+                                               Persona("w", allow=["calm", "formal"])]):  # fmt: skip
+        adhoc = model(ids).logits
+    torch.testing.assert_close(named, adhoc, atol=0, rtol=0)
+    # The section and the bank must agree on the names.
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["personamoe"]["personas"] = ["warm"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match=r"personamoe\.personas.*disagrees"):
+        load_exported(out)
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("nocolon", "expected NAME:allow"),
+        ("p:colour=a", "expected allow=..., bias=... or weights=..."),
+        ("p:bias=a=x", r"bias: expected EXPERT=NUMBER"),
+        ("p:allow=a;allow=b", "allow is given twice"),
+        ("p:weights=a=1;allow=a", "either weights"),
+        ("p:bias=a=inf", "finite"),
+    ],
+)
+def test_persona_specs_that_are_wrong_exit_naming_the_option(spec: str, match: str) -> None:
+    from personamoe.integrations.checkpoint.cli import parse_persona
+
+    with pytest.raises(SystemExit, match=match):
+        parse_persona(spec)
+    assert parse_persona("p:allow=a,b;bias=a=1").allow == ("a", "b")
+
+
+def test_export_refuses_a_persona_over_unknown_experts(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    from personamoe import Persona
+    from personamoe.integrations.export import export
+
+    adapters = {n: folders["adapters"] / n for n in tiny.ADAPTERS}
+    with pytest.raises(ValueError, match="nosuch"):
+        export(
+            folders["base"], adapters, tmp_path / "bad", personas=[Persona("p", allow=["nosuch"])]
+        )
+    assert not (tmp_path / "bad").exists()

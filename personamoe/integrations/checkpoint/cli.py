@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from personamoe.options import CALIBRATIONS, NORMALIZE_MODES
+from personamoe.personas import Persona
 
-__all__ = ["CLI_HELP", "add_arguments", "main"]
+__all__ = ["CLI_HELP", "add_arguments", "main", "parse_persona"]
 
 CLI_HELP = "write a servable checkpoint (base weights + persona bank) for transformers and vLLM"
 
@@ -23,6 +24,10 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--calibration", default="none", choices=CALIBRATIONS)
     p.add_argument("--target-modules", nargs="+", default=None,
                    help="restrict the targets (names or suffixes, as in PEFT)")  # fmt: skip
+    p.add_argument("--persona", action="append", default=[], metavar="SPEC",
+                   help="a persona served by name (repeatable): NAME:allow=a,b | "
+                        "NAME:bias=a=0.5,b=-1 | NAME:weights=a=0.7,b=0.3; allow and bias "
+                        "combine with ';' (NAME:allow=a,b;bias=a=1)")  # fmt: skip
 
 
 def _adapter_folders(items: list[str]) -> dict[str, str]:
@@ -38,12 +43,49 @@ def _adapter_folders(items: list[str]) -> dict[str, str]:
     return adapters
 
 
+def _numbers(spec: str, key: str, value: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in value.split(","):
+        name, sep, num = item.partition("=")
+        try:
+            out[name] = float(num)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise SystemExit(f"--persona {spec!r}: {key}: expected EXPERT=NUMBER,..., got {item!r}")
+    return out
+
+
+def parse_persona(spec: str) -> Persona:
+    """One ``--persona`` argument as a :class:`~personamoe.Persona`; a malformed one exits naming
+    the option and the part that is wrong (expert names are checked against the adapters later)."""
+    name, sep, body = spec.partition(":")
+    if not sep or not name or not body:
+        raise SystemExit(f"--persona: expected NAME:allow=...|bias=...|weights=..., got {spec!r}")
+    fields: dict[str, Any] = {}
+    for part in body.split(";"):
+        key, sep, value = part.partition("=")
+        if key not in ("allow", "bias", "weights") or not sep or not value:
+            raise SystemExit(
+                f"--persona {spec!r}: expected allow=..., bias=... or weights=..., got {part!r}"
+            )
+        if key in fields:
+            raise SystemExit(f"--persona {spec!r}: {key} is given twice")
+        fields[key] = value.split(",") if key == "allow" else _numbers(spec, key, value)
+    try:
+        return Persona(name, **fields)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--persona {spec!r}: {e}") from None
+
+
 def main(args: Any) -> int:
     from personamoe.integrations.checkpoint.writer import export
 
     adapters = _adapter_folders(args.adapters)
+    personas = [parse_persona(s) for s in args.persona]
     out = export(args.base, adapters, args.out, top_k=args.top_k, normalize=args.normalize,
                  temperature=args.temperature, calibration=args.calibration,
-                 target_modules=args.target_modules)  # fmt: skip
-    print(f"wrote {out} ({len(adapters)} experts, top_k={args.top_k})")
+                 target_modules=args.target_modules, personas=personas)  # fmt: skip
+    served = f", personas {', '.join(p.name for p in personas)}" if personas else ""
+    print(f"wrote {out} ({len(adapters)} experts, top_k={args.top_k}{served})")
     return 0

@@ -40,6 +40,12 @@ def _check_bank(section: PersonaSection, meta: dict[str, Any], tensors: dict[str
             f"{cfg_file}: key '{SECTION}.targets' disagrees with the bank's layers "
             f"({sorted(layers ^ set(section.targets))[:3]} ...)"
         )
+    saved = [p.get("name") if isinstance(p, dict) else None for p in meta.get("personas") or []]
+    if sorted(map(str, saved)) != sorted(section.personas):
+        raise ExportError(
+            f"{cfg_file}: key '{SECTION}.personas': {list(section.personas)} disagrees with the "
+            f"personas saved with the bank {saved}"
+        )
     for t in section.targets:
         read_bank_tensors(section, t, tensors)
 

@@ -51,6 +51,9 @@ class PersonaSection:
     # against the bank once, when it is loaded; never used in its place.
     declared_ranks: dict[str, tuple[int, ...]] | None = None
     declared_scalings: dict[str, tuple[float, ...]] | None = None
+    # The names of the personas saved with the bank (their definitions live in the bank's
+    # metadata): what a request may name.
+    personas: tuple[str, ...] = ()
 
     @property
     def num_experts(self) -> int:
@@ -177,6 +180,11 @@ def read_section(config: Mapping[str, Any] | Any, path: str | Path) -> PersonaSe
             "routing",
             f"expected one of {SERVABLE_ROUTINGS} (servable modes), got {routing!r}",
         )
+    personas: tuple[str, ...] = ()
+    if "personas" in raw:
+        personas = _names(path, raw, "personas", "persona names")
+        if len(set(personas)) != len(personas):
+            raise _err(path, "personas", f"expected unique names, got {list(personas)!r}")
     bank = raw.get("bank", BANK_WEIGHTS)
     if not isinstance(bank, str) or not bank or "/" in bank or "\\" in bank:
         raise _err(path, "bank", f"expected a file name in the checkpoint folder, got {bank!r}")
@@ -192,4 +200,5 @@ def read_section(config: Mapping[str, Any] | Any, path: str | Path) -> PersonaSe
         bank=bank,
         declared_ranks=declared.get("ranks"),
         declared_scalings=declared.get("scalings"),
+        personas=personas,
     )

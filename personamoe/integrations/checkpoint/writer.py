@@ -14,6 +14,7 @@ from torch import nn
 from personamoe._atomic import replace_dir, temp_sibling, write_text
 from personamoe.integrations.bank_format import BANK_WEIGHTS
 from personamoe.integrations.checkpoint.section import FORMAT, SECTION, read_section
+from personamoe.personas import Persona
 
 __all__ = ["export"]
 
@@ -74,9 +75,14 @@ def export(
     temperature: float = 1.0,
     calibration: str = "none",
     target_modules: str | Sequence[str] | None = None,
+    personas: Sequence[Persona] = (),
 ) -> Path:
     """Write the servable checkpoint of ``base`` (a transformers causal-LM folder) with one expert
     per PEFT adapter folder of ``adapters`` (``name -> folder``) to the folder ``out``.
+
+    ``personas`` (:class:`~personamoe.Persona` objects over the adapters' names) are registered on
+    the served model: they are saved with the bank and listed by name in the ``personamoe``
+    section, so :func:`load_exported` and a server know the same names.
 
     ``out`` must be new, empty or an earlier export: it is replaced as a whole, and only once the
     new checkpoint is complete (a failed export leaves the earlier one loadable)."""
@@ -84,6 +90,7 @@ def export(
 
     from personamoe.integrations.bank import save_bank
     from personamoe.integrations.hf import inject
+    from personamoe.integrations.model_personas import add_persona
 
     base, out = Path(base), Path(out)
     if not (base / "config.json").is_file():
@@ -98,7 +105,19 @@ def export(
     # Every adapter is read and checked before anything is written.
     inject(model, dict(adapters), target_modules=target_modules, top_k=top_k, temperature=temperature,
            normalize=normalize, calibration=calibration)  # fmt: skip
+    names: list[str] = []
+    for p in personas:
+        if not isinstance(p, Persona):
+            raise TypeError(
+                f"personas: expected personamoe.Persona objects, got {type(p).__name__}"
+            )
+        if p.name in names:
+            raise ValueError(f"personas: the name {p.name!r} is given twice")
+        add_persona(model, p)  # checks its expert names against the adapters
+        names.append(p.name)
     section = _section(model, top_k, normalize, temperature, calibration)
+    if names:
+        section["personas"] = names
     # The whole checkpoint is built in a sibling folder and swapped in once complete: a failed
     # export (bad adapter, full disk) leaves an earlier export in ``out`` as it was.
     out.parent.mkdir(parents=True, exist_ok=True)
