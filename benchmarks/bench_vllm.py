@@ -2,10 +2,13 @@
 
 Run in the vLLM venv (``.venv-vllm``, see ``.ci/run``)::
 
-    python benchmarks/bench_vllm.py [--layers 4] [--new-tokens 64] [--repeats 3] [--out DIR]
+    python benchmarks/bench_vllm.py [--shape wide|narrow] [--layers N] [--new-tokens 64] [--repeats 3]
 
-One invocation builds a random Llama of the standard model case M's shape (docs/design.md §5:
-hidden 1024, intermediate 2816, 16 heads, 4 KV heads, vocab 32000; ``--layers`` of them, 8 in case M),
+One invocation builds a random Llama of the standard model case M's shape (``--shape wide``,
+docs/design.md §5: hidden 1024, intermediate 2816, 16 heads, 4 KV heads, vocab 32000; ``--layers``
+of them, default 4, 8 in case M) or a narrow, deep one where the linear layers dominate
+(``--shape narrow``: hidden 576, intermediate 1536, 9 heads, 3 KV heads, vocab 49152, default 30
+layers: the shape of a 135M-parameter chat model),
 eight random persona adapters (r=16, all seven projections) exported with top_k=2, and one random
 LoRA of the same rank. Each provider then runs in its own vLLM engine (a subprocess; vLLM's CPU
 build, fp32, eager): a warm-up, then ``--repeats`` timed batches of 8 requests (prompt 64 tokens,
@@ -29,7 +32,11 @@ BATCH = 8
 PROMPT = 64
 
 
-def build(root: Path, layers: int) -> dict[str, Path]:
+# (hidden, intermediate, heads, kv heads, vocab, default layers)
+SHAPES = {"wide": (1024, 2816, 16, 4, 32000, 4), "narrow": (576, 1536, 9, 3, 49152, 30)}
+
+
+def build(root: Path, layers: int, shape: str = "wide") -> dict[str, Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -40,13 +47,14 @@ def build(root: Path, layers: int) -> dict[str, Path]:
     import tiny  # the locally built tokenizer (no downloads)
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
-                      num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
+    d, f, heads, kv_heads, vocab, _ = SHAPES[shape]
+    cfg = LlamaConfig(hidden_size=d, intermediate_size=f, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                       max_position_embeddings=512, bos_token_id=1, eos_token_id=2)  # fmt: skip
     base = root / "base"
     LlamaForCausalLM(cfg).save_pretrained(str(base), safe_serialization=True)
     tiny.build_tokenizer(base)
-    d, f, kv = 1024, 2816, 4 * 64
+    kv = kv_heads * (d // heads)
     shapes = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
               "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}  # fmt: skip
     g = torch.Generator().manual_seed(1)
@@ -96,7 +104,8 @@ def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--shape", default="wide", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, default=0, help="decoder layers (0: the shape's default)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="engine starts per provider, alternating")
@@ -115,7 +124,9 @@ def main() -> int:
     tmp = tempfile.TemporaryDirectory() if args.out is None else None
     root = Path(args.out or tmp.name)  # type: ignore[union-attr]
     root.mkdir(parents=True, exist_ok=True)
-    paths = build(root, args.layers)
+    layers = args.layers or SHAPES[args.shape][5]
+    print(f"shape {args.shape}, {layers} layers", flush=True)
+    paths = build(root, layers, args.shape)
     runs = {
         "vllm (no adapters)": (paths["base"], None),
         "vllm + 1 LoRA": (paths["base"], paths["lora"]),
