@@ -152,7 +152,7 @@ def main() -> int:
         print(f"{name:40s} {rate:8.1f} tokens/s (median of {len(all_rates[name])})")
     floor = results["vllm (no adapters)"]
     print(
-        f"\nbatch {BATCH} requests, prompt {PROMPT}, {args.new_tokens} new tokens, {args.layers} layers"
+        f"\nbatch {BATCH} requests, prompt {PROMPT}, {args.new_tokens} new tokens, {layers} layers ({args.shape})"
     )
     for name, rate in results.items():
         print(f"{name:40s} {rate / floor:6.3f} x the no-adapter throughput")
