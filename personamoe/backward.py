@@ -24,20 +24,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from personamoe.reference import compute_dtype, persona_rows
+# The reference's masked softmax (forward only here: its detach of the row max changes no value).
+from personamoe.reference import _masked_softmax, compute_dtype, persona_rows
 
 __all__ = ["adapter_grads"]
-
-
-def _masked_softmax(z: Tensor, allowed: Tensor) -> Tensor:
-    """The reference's masked softmax (forward only): ``-inf``/disallowed entries get 0, rows with
-    nothing allowed give all zeros."""
-    z = torch.where(allowed, z, torch.full_like(z, float("-inf")))
-    m = z.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    e = torch.exp(z - m)
-    denom = e.sum(dim=-1, keepdim=True)
-    return e / torch.where(denom == 0, torch.ones_like(denom), denom)
 
 
 def _plain_cpu_eager(t: Tensor) -> bool:

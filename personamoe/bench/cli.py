@@ -188,7 +188,6 @@ def run_model_case(
     import dataclasses
 
     from personamoe.bench.model import MODEL_PROVIDERS, M, ModelBench
-    from personamoe.bench.runner import time_interleaved
 
     case = dataclasses.replace(M, new_tokens=QUICK_NEW_TOKENS) if args.quick else M
     wanted = _split(args.providers)
@@ -209,22 +208,9 @@ def run_model_case(
             f"M: batch {case.batch}, prompt {case.prompt_len}, {case.new_tokens} new tokens, "
             f"{rounds} rounds"
         )
-        results = time_interleaved(
-            "M",
-            fns,
-            repeats=rounds,
-            warmup=1,
-            device=args.device,
-            progress=_log,
-            clock=args.clock,
-            budget=budget,
-            deadline=deadline,
-        )
+        results = _time_whole_runs("M", bench, fns, rounds, args, budget, deadline)
     finally:
         bench.close()
-    for r in results.values():
-        r.work = bench.tokens_per_call
-        r.note = "; ".join(n for n in (r.note, bench.notes.get(r.provider, "")) if n)
     for p, why in skipped.items():
         results[p] = Result("M", p, note=f"skipped: {why}")
     return [results[p] for p in providers]
@@ -238,7 +224,6 @@ def run_train_case(
 ) -> list[Result]:
     """The training step (personamoe/bench/train.py): forward, backward and AdamW step, timed
     interleaved with grad enabled; each provider's model and optimizer built before timing."""
-    from personamoe.bench.runner import time_interleaved
     from personamoe.bench.train import TRAIN, TRAIN_PROVIDERS, TRAIN_TINY, TrainBench
 
     case = TRAIN_TINY if args.quick else TRAIN
@@ -258,24 +243,37 @@ def run_train_case(
             fns[p] = bench.provider(p)
         rounds = args.repeats or (QUICK_ROUNDS if args.quick else FULL_ROUNDS)["train"]
         _log(f"train: {rounds} rounds of one optimizer step each")
-        results = time_interleaved(
-            "train",
-            fns,
-            repeats=rounds,
-            warmup=1,
-            device=args.device,
-            progress=_log,
-            clock=args.clock,
-            inference=False,
-            budget=budget,
-            deadline=deadline,
+        results = _time_whole_runs(
+            "train", bench, fns, rounds, args, budget, deadline, inference=False
         )
     finally:
         bench.close()
+    return list(results.values())
+
+
+def _time_whole_runs(
+    case: str,
+    bench: Any,
+    fns: dict[str, Any],
+    rounds: int,
+    args: argparse.Namespace,
+    budget: float | None,
+    deadline: float | None,
+    *,
+    inference: bool = True,
+) -> dict[str, Result]:
+    """The model and train cases' timing: one warm-up, ``rounds`` interleaved rounds, each result
+    given the tokens of one call and the provider's note from ``bench``."""
+    from personamoe.bench.runner import time_interleaved
+
+    results = time_interleaved(
+        case, fns, repeats=rounds, warmup=1, device=args.device, progress=_log,
+        clock=args.clock, inference=inference, budget=budget, deadline=deadline,
+    )  # fmt: skip
     for r in results.values():
         r.work = bench.tokens_per_call
         r.note = "; ".join(n for n in (r.note, bench.notes.get(r.provider, "")) if n)
-    return list(results.values())
+    return results
 
 
 def _ratio(rs: dict[str, Result], a: str, b: str) -> str:
