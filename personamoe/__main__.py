@@ -7,6 +7,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from personamoe._import_path import prefer_installed_kernels
+
+    prefer_installed_kernels()  # before anything imports transformers (run from a clone)
     parser = argparse.ArgumentParser(prog="personamoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print the version and which backends are available here")

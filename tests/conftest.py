@@ -14,6 +14,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from personamoe._import_path import prefer_installed_kernels
+
+# The source tree's kernels/ folder must not shadow an installed `kernels` (personamoe/_import_path.py).
+prefer_installed_kernels()
+
 
 def _column_symmetric_interpreter_dot() -> None:
     """Make the Triton interpreter's ``tl.dot`` give identical columns identical results.
