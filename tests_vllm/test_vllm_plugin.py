@@ -1,6 +1,7 @@
 """vLLM (CPU build) + the personamoe plugin against transformers + personamoe on one exported
-checkpoint: a tiny random Llama, 4 persona adapters, top_k=2; greedy tokens must match exactly,
-without and with a vLLM LoRA request on top. Run in the vLLM venv: ``python -m pytest -q tests_vllm``.
+checkpoint: a tiny random Llama, 4 persona adapters, top_k=2, 5 served personas; greedy tokens must
+match exactly, without and with a vLLM LoRA request on top, and with requests naming different
+personas in one batch. Run in the vLLM venv: ``python -m pytest -q tests_vllm``.
 """
 
 from __future__ import annotations
@@ -25,17 +26,23 @@ from personamoe.integrations.export import load_exported
 
 PROMPTS = [[1, 5, 9, 33, 70, 102], [1, 8, 8, 40], [1, 17, 23, 5, 60, 61, 62, 90, 14, 3]]
 MAX_TOKENS = 12
+# One request per persona kind in one batch (prompts repeat: prompt i % 3), and free routing.
+PERSONAS = [None, "calm_only", "curious_lean", "blend", "steady", "terse_only"]
 RUNNER = Path(__file__).with_name("run_engine.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_engine(
-    model: Path, out: Path, lora: Path | None = None, tp: int = 1
-) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, str(RUNNER), "--model", str(model), "--prompts", json.dumps(PROMPTS),
-           "--max-tokens", str(MAX_TOKENS), "--out", str(out), "--tp", str(tp)]  # fmt: skip
+    model: Path, out: Path, lora: Path | None = None, tp: int = 1, *, prompts: Any = None,
+    personas: list[str | None] | None = None, extra: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    cmd = [sys.executable, str(RUNNER), "--model", str(model),
+           "--prompts", json.dumps(prompts or PROMPTS), "--max-tokens", str(MAX_TOKENS),
+           "--out", str(out), "--tp", str(tp), *extra]  # fmt: skip
     if lora is not None:
         cmd += ["--lora", str(lora)]
+    if personas is not None:
+        cmd += ["--personas", json.dumps(personas)]
     env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
     if tp > 1:
         # vLLM's CPU build binds each rank to a NUMA node; with one node, give each rank a core.
@@ -90,9 +97,10 @@ def add_lora_hooks(model: torch.nn.Module, lora: Path) -> None:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("vllm")
-    folders = tiny.build_all(root, top_k=2)
+    folders = tiny.build_all(root, top_k=2, with_personas=True)
     lora = build_lora(folders["base"], root / "lora_extra")
-    proc = run_engine(folders["export"], root / "out.json", lora=lora)
+    proc = run_engine(folders["export"], root / "out.json", lora=lora, personas=PERSONAS,
+                      extra=("--bad-persona", "angry"))  # fmt: skip
     if proc.returncode != 0:
         pytest.fail(
             f"vLLM run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
@@ -131,6 +139,42 @@ def test_greedy_matches_transformers(setup: dict[str, Any]) -> None:
     assert [greedy(base, p, MAX_TOKENS) for p in PROMPTS] != want
 
 
+def greedy_as(model: torch.nn.Module, prompt: list[int], persona: str | None) -> list[int]:
+    from personamoe import use_personas
+
+    with use_personas(model, [persona]):
+        return greedy(model, prompt, MAX_TOKENS)
+
+
+def persona_prompts(prompts: list[list[int]], n: int) -> list[list[int]]:
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+def test_personas_in_one_batch_match_transformers(setup: dict[str, Any]) -> None:
+    """Six requests in one batch, each naming a different persona (allowed set, bias, fixed
+    mixtures, none): each gets the tokens transformers + personamoe gives that persona."""
+    model = load_exported(setup["folders"]["export"]).eval()
+    prompts = persona_prompts(PROMPTS, len(PERSONAS))
+    want = [greedy_as(model, p, n) for p, n in zip(prompts, PERSONAS, strict=True)]
+    got = setup["got"]["personas"]
+    assert got == want
+    # The personas matter: each one's tokens differ from the same prompt routed freely.
+    free = setup["got"]["plain"]
+    for i, name in enumerate(PERSONAS):
+        if name is not None:
+            assert got[i] != free[i % len(PROMPTS)], name
+    assert got[0] == free[0]
+
+
+def test_unknown_persona_is_refused_and_engine_keeps_serving(setup: dict[str, Any]) -> None:
+    bad = setup["got"]["bad"]
+    assert bad["error"] is not None
+    assert "unknown persona 'angry'" in bad["error"]
+    for name in ("calm_only", "curious_lean", "blend", "steady", "terse_only"):
+        assert name in bad["error"]
+    assert bad["after"] == setup["got"]["plain"][:1]
+
+
 def test_greedy_with_lora_on_top(setup: dict[str, Any]) -> None:
     model = load_exported(setup["folders"]["export"]).eval()
     add_lora_hooks(model, setup["lora"])
@@ -144,12 +188,33 @@ def test_tensor_parallel_2_ranks_matches_transformers(setup: dict[str, Any]) -> 
     """2 CPU ranks: column-parallel B shards (q/k/v and gate/up parts), row-parallel A shards with
     h all-reduced before ranking (personamoe/integrations/tp.py), same greedy tokens."""
     out = setup["root"] / "tp2.json"
-    proc = run_engine(setup["folders"]["export"], out, tp=2)
+    proc = run_engine(setup["folders"]["export"], out, tp=2, personas=PERSONAS)
     if proc.returncode != 0:
         pytest.fail(f"vLLM tp=2 run failed ({proc.returncode}):\n{proc.stderr[-8000:]}")
     model = load_exported(setup["folders"]["export"]).eval()
     want = [greedy(model, p, MAX_TOKENS) for p in PROMPTS]
-    assert json.loads(out.read_text())["plain"] == want
+    got = json.loads(out.read_text())
+    assert got["plain"] == want
+    prompts = persona_prompts(PROMPTS, len(PERSONAS))
+    assert got["personas"] == setup["got"]["personas"]  # == transformers (test above)
+    assert len(got["personas"]) == len(prompts)
+
+
+def test_chunked_prefill_keeps_each_requests_persona(setup: dict[str, Any]) -> None:
+    """Long prompts split over several steps (16 tokens per step) beside short ones: every
+    chunk of a request mixes as its persona."""
+    g = torch.Generator().manual_seed(3)
+    long = [[1, *torch.randint(3, 120, (n,), generator=g).tolist()] for n in (40, 29)]
+    prompts = [long[0], PROMPTS[1], long[1], PROMPTS[0]]
+    names = ["curious_lean", "blend", "calm_only", None]
+    out = setup["root"] / "chunked.json"
+    proc = run_engine(setup["folders"]["export"], out, prompts=prompts, personas=names,
+                      extra=("--max-num-batched-tokens", "16"))  # fmt: skip
+    if proc.returncode != 0:
+        pytest.fail(f"vLLM chunked run failed ({proc.returncode}):\n{proc.stderr[-8000:]}")
+    model = load_exported(setup["folders"]["export"]).eval()
+    want = [greedy_as(model, p, n) for p, n in zip(prompts, names, strict=True)]
+    assert json.loads(out.read_text())["personas"] == want
 
 
 def test_qwen2_with_qkv_bias_matches_transformers(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ Used by tests_vllm/ (vLLM's CPU build) and tests/test_export.py (main venv).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -97,11 +98,29 @@ def build_adapters(base: Path, out: Path, seed: int = 1) -> dict[str, Path]:
     return paths
 
 
-def build_all(root: Path, top_k: int = 2, arch: str = "llama") -> dict[str, Path]:
-    """``{"base", "adapters", "export"}`` folders under ``root`` (the export with ``top_k``)."""
+def personas() -> list[Any]:
+    """Served personas of every kind: an allowed set, a bias, fixed mixtures (one over an expert
+    absent from the MLP), and one allowing only that absent expert."""
+    from personamoe import Persona
+
+    return [
+        Persona("calm_only", allow=["calm"]),
+        Persona("curious_lean", bias={"curious": 1.5, "formal": -0.5}),
+        Persona("blend", weights={"formal": 0.7, "terse": 0.3}),
+        Persona("steady", weights={"calm": 0.5, "curious": 0.5}),
+        Persona("terse_only", allow=["terse"]),
+    ]
+
+
+def build_all(
+    root: Path, top_k: int = 2, arch: str = "llama", with_personas: bool = False
+) -> dict[str, Path]:
+    """``{"base", "adapters", "export"}`` folders under ``root`` (the export with ``top_k``, and
+    the :func:`personas` when ``with_personas``)."""
     from personamoe.integrations.export import export
 
     base = build_base(root / "base", arch=arch)
     adapters = build_adapters(base, root / "adapters")
-    out = export(base, adapters, root / "export", top_k=top_k)
+    out = export(base, adapters, root / "export", top_k=top_k,
+                 personas=personas() if with_personas else ())  # fmt: skip
     return {"base": base, "adapters": root / "adapters", "export": out}

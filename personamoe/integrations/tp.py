@@ -195,9 +195,18 @@ def row_parallel_forward(
         y = y + shard.bias.to(cdt)
     rcols = split_range(r_pad, rank, world_size)
     h_mine = h[:, :, rcols]
-    if persona_weights is not None:
+    if persona_weights is not None and persona_bias is None:
         w = reference.persona_rows(persona_weights.to(cdt), persona_ids, T)
         idx, gates = reference.fixed_route(w, k)
+        y = y + reference._mix(h_mine, shard.lora_b, w * scaling.to(cdt))
+    elif persona_weights is not None:
+        # A batch of routing and fixed rows (the vLLM plugin's per-request personas): routing
+        # rows rank with their bias (a fixed row's bias is all -inf, so its gates are 0), fixed
+        # rows add their mixture (a routing row's weights are 0). One all-reduce of h either way.
+        n = reference.scores(h, calibration, persona_bias, persona_ids)
+        idx, gates = reference.route(n, top_k=k, temperature=temperature, normalize=normalize)
+        w = torch.zeros_like(n).scatter(1, idx.long(), gates.to(n.dtype))
+        w = w + reference.persona_rows(persona_weights.to(cdt), persona_ids, T)
         y = y + reference._mix(h_mine, shard.lora_b, w * scaling.to(cdt))
     else:
         n = reference.scores(h, calibration, persona_bias, persona_ids)

@@ -13,7 +13,8 @@ on top of the mixture.
 
 Supported: Llama-family decoder models (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
 ``MistralForCausalLM``), unquantized weights, token routing, tensor parallelism (the math of
-``personamoe.integrations.tp``). Not supported: per-request personas (why, and the path to them:
+``personamoe.integrations.tp``), and per-request personas (a request names one of the personas
+saved with the export in ``SamplingParams.extra_args={"persona": name}``, online ``vllm_xargs``:
 ``personamoe.integrations.vllm.personas``).
 """
 
@@ -35,4 +36,7 @@ def register() -> None:
     from personamoe.integrations.vllm.layers import register_layers
 
     register_layers()
+    from personamoe.integrations.vllm.personas import install_frontend_hook
+
+    install_frontend_hook()
     _registered = True

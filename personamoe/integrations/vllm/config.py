@@ -14,7 +14,13 @@ from personamoe.integrations.checkpoint.section import (
     read_section,
 )
 
-__all__ = ["PACKED", "SUPPORTED_ARCHITECTURES", "current_section", "part_targets"]
+__all__ = [
+    "PACKED",
+    "SUPPORTED_ARCHITECTURES",
+    "current_section",
+    "part_targets",
+    "section_of",
+]
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 # vLLM's packed_modules_mapping of these models: fused layer -> the checkpoint's modules, in order.
@@ -28,8 +34,12 @@ def current_section() -> PersonaSection | None:
     none, so every layer stays vLLM's own). Raises :class:`ExportError` when it is malformed."""
     from vllm.config import get_current_vllm_config_or_none
 
-    cfg = get_current_vllm_config_or_none()
-    model_config = getattr(cfg, "model_config", None)
+    return section_of(getattr(get_current_vllm_config_or_none(), "model_config", None))
+
+
+def section_of(model_config: Any) -> PersonaSection | None:
+    """The validated ``personamoe`` section of the model a vLLM ``ModelConfig`` describes (``None``
+    when there is no model config or the model has no section)."""
     if model_config is None:
         return None
     hf = model_config.hf_config

@@ -32,6 +32,13 @@ from personamoe.integrations.bank_format import BANK_TENSORS, LORA_A, LORA_B, te
 from personamoe.integrations.checkpoint.bank_view import read_bank_tensors
 from personamoe.integrations.checkpoint.section import ExportError, PersonaSection
 from personamoe.integrations.vllm.config import current_section, part_targets
+from personamoe.integrations.vllm.personas import (
+    compiled_token_rows,
+    current_batch,
+    layer_tables,
+    served_personas,
+    token_rows,
+)
 from personamoe.mix_op import persona_moe_mix_op
 
 __all__ = [
@@ -137,13 +144,19 @@ class PersonaLinearMethod(UnquantizedLinearMethod):
             # Experts that do not target this module are absent from its ranking (docs/design.md §1).
             bias = torch.where(avail, 0.0, float("-inf")).reshape(1, -1).to(dev, torch.float32)
         cal = t["calibration"].to(dev, torch.float32) if sec.calibration == "frobenius" else None
-        return {
+        out: dict[str, Tensor | None] = {
             "lora_A": a.to(dev, dt).contiguous(),
             "lora_B": b.to(dev, dt).contiguous(),
             "scaling": t["scaling"].to(dev, torch.float32),
             "calibration": cal,
             "persona_bias": bias,
+            "route_bias": None,
+            "fixed_weights": None,
         }
+        if sec.personas:
+            # Per-request personas: this layer's [R, E] tables (row 0: no persona).
+            out["route_bias"], out["fixed_weights"] = layer_tables(served_personas(sec), avail, dev)
+        return out
 
     # -- forward ---------------------------------------------------------------------------------
     def apply(self, layer: Any, x: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -160,19 +173,42 @@ class PersonaLinearMethod(UnquantizedLinearMethod):
             y = y.contiguous()
         x2 = x.reshape(-1, x.shape[-1])
         y2 = y.reshape(-1, y.shape[-1])
+        rows, fixed = self._token_personas(x2)
         for part in lay.parts:
             if part.bank is not None:
-                self._mix_into(x2, y2[:, part.start : part.start + part.size], part.bank)
+                self._mix_into(x2, y2[:, part.start : part.start + part.size], part.bank, rows,
+                               fixed)  # fmt: skip
         return y
 
-    def _mix_into(self, x: Tensor, y: Tensor, bank: dict[str, Tensor | None]) -> None:
-        pb = bank["persona_bias"]
-        ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if pb is not None else None
+    def _token_personas(self, x: Tensor) -> tuple[Tensor | None, bool]:
+        """``(persona row per token or None, whether a fixed-mixture persona may be among them)``.
+        ``None``: no request of this step names a persona (the free-routing path)."""
+        if not self.section.personas:
+            return None, False
+        if torch.compiler.is_compiling():
+            # One graph for every step: rows from an opaque op, both calls when fixed ones exist.
+            return compiled_token_rows(x), served_personas(self.section).any_fixed
+        batch = current_batch()
+        rows = token_rows(x)
+        return rows, rows is not None and batch is not None and batch.has_fixed
+
+    def _mix_into(
+        self, x: Tensor, y: Tensor, bank: dict[str, Tensor | None], rows: Tensor | None = None,
+        fixed: bool = False,
+    ) -> None:  # fmt: skip
         sec = self.section
-        persona_moe_mix_op(
-            x, y, bank["lora_A"], bank["lora_B"], bank["scaling"], sec.top_k, sec.temperature,
-            sec.normalize, bank["calibration"], pb, ids, None,
-        )  # fmt: skip
+        common = (bank["lora_A"], bank["lora_B"], bank["scaling"], sec.top_k, sec.temperature,
+                  sec.normalize, bank["calibration"])  # fmt: skip
+        if rows is None:
+            pb = bank["persona_bias"]
+            ids = _zeros(x) if pb is not None else None
+            persona_moe_mix_op(x, y, *common, pb, ids, None)
+            return
+        # Routing rows rank with their persona's bias (a fixed row's is all -inf: it adds
+        # nothing); then fixed rows add their mixture (a routing row's weights are zero).
+        persona_moe_mix_op(x, y, *common, bank["route_bias"], rows, None)
+        if fixed:
+            persona_moe_mix_op(x, y, *common, None, rows, bank["fixed_weights"])
 
     def _row_parallel(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         from vllm.distributed import tensor_model_parallel_all_reduce
@@ -181,16 +217,25 @@ class PersonaLinearMethod(UnquantizedLinearMethod):
         bank = lay.parts[0].bank
         if bank is None:
             return F.linear(x, weight, bias)
-        pb = bank["persona_bias"]
-        ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if pb is not None else None
+        rows, fixed = self._token_personas(x)
+        pb, weights = bank["persona_bias"], None
+        ids = _zeros(x) if pb is not None else None
+        if rows is not None:
+            pb, ids = bank["route_bias"], rows
+            weights = bank["fixed_weights"] if fixed else None
         shard = tp.RowShard(weight, bias, bank["lora_A"], bank["lora_B"])  # type: ignore[arg-type]
         y, _, _ = tp.row_parallel_forward(
             x, shard, bank["scaling"], rank=lay.tp_rank, world_size=lay.tp_size,  # type: ignore[arg-type]
             all_reduce=tensor_model_parallel_all_reduce, top_k=sec.top_k,
             temperature=sec.temperature, normalize=sec.normalize,
             calibration=bank["calibration"], persona_bias=pb, persona_ids=ids,
+            persona_weights=weights,
         )  # fmt: skip
         return y
+
+
+def _zeros(x: Tensor) -> Tensor:
+    return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
 
 
 def _n_shards(layer: Any, part: _Part, lay: _Layout) -> int:
