@@ -16,6 +16,7 @@ from personamoe.integrations import (
     set_routing,
     unmerge,
 )
+from personamoe.integrations.calibrate import calibrate
 from personamoe.integrations.model_personas import add_persona, remove_persona, use_personas
 from personamoe.mix_op import persona_moe_mix_
 from personamoe.nn import PersonaMoELinear
@@ -32,6 +33,7 @@ __all__ = [
     "__version__",
     "add_persona",
     "available_backends",
+    "calibrate",
     "export_expert",
     "get_backend",
     "inject",

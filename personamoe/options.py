@@ -29,8 +29,10 @@ into the base weights."""
 SERVABLE_ROUTINGS = ("token",)
 """The routing modes an export may carry (a server routes per token)."""
 
-CALIBRATIONS = ("none", "frobenius")
-"""How expert scores are put on one scale: not at all, or divided by ``||A_e||_F``."""
+CALIBRATIONS = ("none", "frobenius", "data")
+"""How expert scores are put on one scale: not at all, divided by ``||A_e||_F``, or standardised
+per expert with statistics of ``||A_e x||`` measured on text (``"data"``: ``personamoe.calibrate``
+must have run first)."""
 
 
 def check_choice(name: str, value: object, choices: Sequence[str], where: str = "") -> str:

@@ -22,10 +22,13 @@ from personamoe.integrations.bank_format import (
     BANK_TENSORS,
     BANK_WEIGHTS,
     CALIBRATION,
+    DATA_SCALE,
     LORA_A,
     LORA_B,
+    OPTIONAL_TENSORS,
     RANK,
     SCALING,
+    SCORE_SHIFT,
     tensor_key,
 )
 from personamoe.integrations.install import (
@@ -64,7 +67,8 @@ def save_bank(model: nn.Module, path: str | Path) -> Path:
         if layer.pm_merged:
             raise ValueError("save_bank: the model is merged; call personamoe.unmerge first")
         layers[name] = {"rank": layer.rank, "conv1d": layer.fan_in_fan_out,
-                        "calibrated": layer.pm_calibrated}  # fmt: skip
+                        "calibrated": layer.pm_calibrated,
+                        "data_calibrated": layer.pm_data_calibrated}  # fmt: skip
         for t in BANK_TENSORS:
             tensors[tensor_key(name, t)] = getattr(layer, t).detach().to("cpu").contiguous()
     meta = {
@@ -185,11 +189,14 @@ def _check_meta(file: Path, meta: dict[str, Any]) -> None:
         r = info.get("rank")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise _err(file, f"layers.{name}.rank", f"expected an int >= 1, got {r!r}")
-        for flag in ("conv1d", "calibrated"):
+        for flag in ("conv1d", "calibrated", "data_calibrated"):
             if not isinstance(info.get(flag, False), bool):
                 raise _err(
                     file, f"layers.{name}.{flag}", f"expected true/false, got {info[flag]!r}"
                 )
+        if opts.get("calibration") == "data" and not info.get("data_calibrated", False):
+            raise _err(file, f"layers.{name}.data_calibrated", "expected true (options.calibration "
+                       "is 'data': every layer needs its statistics), got false")  # fmt: skip
 
 
 def _check_tensors(model: nn.Module, bank: BankFiles) -> None:
@@ -211,21 +218,27 @@ def _check_tensors(model: nn.Module, bank: BankFiles) -> None:
                        f"{type(module).__name__}, which cannot hold persona experts")  # fmt: skip
         d_in, d_out, _ = cls.base_of(module)
         want = {LORA_A: (E, r, d_in), LORA_B: (E, d_out, r), SCALING: (E,), CALIBRATION: (E,),
-                AVAILABLE: (E,), RANK: (E,)}  # fmt: skip
+                AVAILABLE: (E,), RANK: (E,), SCORE_SHIFT: (E,), DATA_SCALE: (E,)}  # fmt: skip
         got: dict[str, Tensor] = {}
         for t in BANK_TENSORS:
             key = tensor_key(name, t)
+            if key not in tensors and t in OPTIONAL_TENSORS:
+                if info.get("data_calibrated", False):
+                    raise ValueError(f"{file}: missing key {key!r} (layers.{name}.data_calibrated)")
+                continue
             if key not in tensors:
                 raise ValueError(f"{file}: missing key {key!r}")
             if tuple(tensors[key].shape) != want[t]:
                 raise _err(file, key, f"expected shape {list(want[t])} (E={E}, rank {r} from "
                            f"{BANK_CONFIG}, the model's layer), got {list(tensors[key].shape)}")  # fmt: skip
             got[t] = tensors[key]
-        for t in (LORA_A, LORA_B, SCALING, CALIBRATION):
-            check_finite(file, tensor_key(name, t), got[t], ValueError)
-        if not bool((got[CALIBRATION] > 0).all()):
-            raise _err(file, tensor_key(name, CALIBRATION),
-                       f"expected values > 0, got {got[CALIBRATION].tolist()}")  # fmt: skip
+        for t in (LORA_A, LORA_B, SCALING, CALIBRATION, SCORE_SHIFT, DATA_SCALE):
+            if t in got:
+                check_finite(file, tensor_key(name, t), got[t], ValueError)
+        for t in (CALIBRATION, DATA_SCALE):
+            if t in got and not bool((got[t] > 0).all()):
+                raise _err(file, tensor_key(name, t),
+                           f"expected values > 0, got {got[t].tolist()}")  # fmt: skip
         avail, ranks = got[AVAILABLE], got[RANK]
         if avail.dtype != torch.bool or ranks.is_floating_point() or ranks.dtype == torch.bool:
             raise _err(file, tensor_key(name, AVAILABLE), "expected a bool mask and int ranks, got "
@@ -260,8 +273,16 @@ def install_bank(model: M, bank: BankFiles, *, freeze_base: bool = True) -> M:
         with torch.no_grad():
             for name, layer in layers.items():
                 for t in BANK_TENSORS:
-                    getattr(layer, t).copy_(tensors[tensor_key(name, t)])
-                layer.pm_calibrated = bool(meta["layers"][name].get("calibrated", False))
+                    key = tensor_key(name, t)
+                    if key in tensors:
+                        getattr(layer, t).copy_(tensors[key])
+                    else:  # a bank written before this optional tensor existed
+                        getattr(layer, t).fill_(OPTIONAL_TENSORS[t])
+                info = meta["layers"][name]
+                layer.pm_calibrated = bool(info.get("calibrated", False))
+                layer.pm_data_calibrated = bool(info.get("data_calibrated", False))
+                if opts.get("calibration") == "data":  # the divisor is sigma, the shift joins
+                    layer.pm_set_calibration("data")
         train_only_the_bank(model, layers.values(), freeze_base=freeze_base)
         for d in meta.get("personas") or []:
             persona = Persona.from_dict(d)

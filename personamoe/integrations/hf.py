@@ -4,7 +4,7 @@
 that share the base Parameters under the same names, and loads each PEFT adapter as one expert of
 every layer it targets. Each step has its own function: the arguments (:func:`_read_experts`), the
 targets and where each adapter goes (:mod:`.targets`), the layers (:mod:`.install`), the banks
-(:func:`_fill`, :func:`_calibrate`), the personas (:mod:`.model_personas`), the mode
+(:func:`_fill`, ``PersonaLayer.pm_set_calibration``), the personas (:mod:`.model_personas`), the mode
 (:mod:`.modes`).
 """
 
@@ -67,7 +67,9 @@ def inject(
             An adapter that does not target a layer is absent from that layer's ranking.
         top_k, temperature, normalize: the routing of docs/design.md §1.
         calibration: ``"frobenius"`` divides each expert's score by ``||A_e||_F`` (per layer, at
-            load time) so that adapters trained apart compete on one scale.
+            load time) so that adapters trained apart compete on one scale. ``"data"`` needs
+            statistics measured on text: inject with ``"none"``, then call
+            :func:`personamoe.calibrate` (docs/design.md §1.9).
         routing: ``"token"``, ``"sequence"`` (prompt-pooled choice kept while decoding), ``"fixed"``
             (requests without a persona use ``weights``) or ``"merged"`` (``weights`` folded into the
             base weights, see :func:`merge`).
@@ -83,6 +85,11 @@ def inject(
     check_routing_options(top_k, len(experts), temperature, normalize,
                           experts="the number of adapters")  # fmt: skip
     check_choice("calibration", calibration, CALIBRATIONS)
+    if calibration == "data":
+        raise ValueError(
+            "calibration: 'data' needs statistics measured on text, which inject does not have; "
+            "inject with calibration='none', then call personamoe.calibrate(model, batches)"
+        )
     state = PersonaState(experts, routing, weights)
     state.options = {"top_k": top_k, "temperature": float(temperature), "normalize": normalize,
                      "calibration": calibration}  # fmt: skip
@@ -105,8 +112,8 @@ def inject(
                 layer.scaling.fill_(lora_scaling(rank, lora_alpha, use_rslora))
             else:
                 _fill(layer, where[name])
-            if calibration == "frobenius":
-                _calibrate(layer)
+            if calibration != "none":
+                layer.pm_set_calibration(calibration)
     train_only_the_bank(model, layers.values(), freeze_base=freeze_base)
     refresh(model)
     if routing == "merged":
@@ -178,11 +185,3 @@ def _fill(layer: PersonaLayer, per: Mapping[int, ExpertFactors]) -> None:
         layer.scaling[e] = s
         layer.pm_available[e] = True
         layer.pm_rank[e] = r
-
-
-def _calibrate(layer: PersonaLayer) -> None:
-    """``calibration="frobenius"``: each expert's scores divided by ``||A_e||_F`` (1 for an absent
-    expert's zero factors), so adapters trained apart compete on one scale."""
-    norms = torch.linalg.vector_norm(layer.lora_A.float(), dim=(1, 2))
-    layer.calibration.copy_(torch.where(norms > 0, norms, torch.ones_like(norms)))
-    layer.pm_calibrated = True

@@ -68,12 +68,20 @@ class PersonaLayer(PersonaMoELinear):
     ``None``.
     """
 
-    fp32_buffers = (*PersonaMoELinear.fp32_buffers, "pm_bias", "pm_weights")
+    fp32_buffers = (
+        *PersonaMoELinear.fp32_buffers,
+        "pm_bias",
+        "pm_weights",
+        "score_shift",
+        "data_scale",
+    )
     fan_in_fan_out = False
     """Whether the base weight is stored ``[d_in, d_out]`` (PEFT's name; GPT-2's ``Conv1D``)."""
 
     pm_available: Tensor
     pm_rank: Tensor
+    score_shift: Tensor
+    data_scale: Tensor
     pm_bias: Tensor | None
     pm_weights: Tensor | None
     pm_row_fixed: Tensor | None
@@ -100,11 +108,19 @@ class PersonaLayer(PersonaMoELinear):
         dev = self.weight.device
         self.register_buffer("pm_available", torch.ones(E, dtype=torch.bool, device=dev))
         self.register_buffer("pm_rank", torch.full((E,), rank, dtype=torch.long, device=dev))
+        # Data calibration's statistics (personamoe.calibrate): score = ||h|| / data_scale +
+        # score_shift. Kept whatever the active mode; the shift reaches the op only through the
+        # persona bias table, when the mode is "data" (pm_shift_active). Not in the state dict
+        # (the mode is not either): the bank files carry both (save_bank).
+        self.register_buffer("score_shift", torch.zeros(E, device=dev), persistent=False)
+        self.register_buffer("data_scale", torch.ones(E, device=dev), persistent=False)
         self.register_buffer("pm_bias", None, persistent=False)
         self.register_buffer("pm_weights", None, persistent=False)
         self.register_buffer("pm_row_fixed", None, persistent=False)
         self.pm_all_available = True
         self.pm_calibrated = False
+        self.pm_data_calibrated = False  # score_shift / data_scale hold measured statistics
+        self.pm_shift_active = False  # mode "data": score_shift is folded into pm_bias
         self.pm_merged = False
         self.pm_saved_weight: Tensor | None = None
         self.pm_seq_weights: Tensor | None = None
@@ -139,16 +155,53 @@ class PersonaLayer(PersonaMoELinear):
     def _set_base_weight(self, w_out_in: Tensor) -> None:
         self.weight.copy_(w_out_in)
 
+    # -- calibration ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def pm_set_calibration(self, mode: str) -> None:
+        """Make ``mode`` (one of ``CALIBRATIONS``) this layer's active calibration: the divisor in
+        ``calibration`` and whether ``score_shift`` joins the bias table (at the next
+        :meth:`pm_refresh`). ``"data"`` needs the statistics of ``personamoe.calibrate``."""
+        if mode == "data" and not self.pm_data_calibrated:
+            raise ValueError(
+                "calibration: 'data' needs statistics measured on text; run "
+                "personamoe.calibrate(model, batches) first"
+            )
+        if mode == "frobenius":
+            norms = torch.linalg.vector_norm(self.lora_A.detach().float(), dim=(1, 2))
+            divisor = torch.where(norms > 0, norms, torch.ones_like(norms))
+        elif mode == "data":
+            divisor = self.data_scale
+        else:
+            divisor = torch.ones_like(self.calibration)
+        self.calibration.copy_(divisor)
+        self.pm_calibrated = mode != "none"
+        self.pm_shift_active = mode == "data"
+
+    @torch.no_grad()
+    def pm_set_data_statistics(self, scale: Tensor, shift: Tensor) -> None:
+        """Keep measured statistics (``[E]`` each: ``sigma_e`` > 0 and ``-mu_e / sigma_e``)."""
+        self.data_scale.copy_(scale)
+        self.score_shift.copy_(shift)
+        self.pm_data_calibrated = True
+
     # -- persona tables ------------------------------------------------------------------------
     def pm_refresh(self, bias: Tensor, weights: Tensor, fixed: Tensor) -> None:
-        """Fold this layer's availability into the model-wide tables ``[R, E]`` and keep them."""
+        """Fold this layer's availability (and, in calibration mode "data", its score shift) into
+        the model-wide tables ``[R, E]`` and keep them.
+
+        Row 0 ("no persona", free routing) then holds only the shift, so free-routing tokens go
+        through the table too; fixed rows ignore the bias table, so the shift never reaches them.
+        """
         dev = self.weight.device
         avail = self.pm_available.to(dev)
         absent = torch.where(avail, 0.0, float("-inf")).to(torch.float32)
+        if self.pm_shift_active:
+            absent = absent + torch.where(avail, self.score_shift.to(dev, torch.float32), 0.0)
         self.pm_bias = bias.to(device=dev, dtype=torch.float32) + absent
         self.pm_weights = torch.where(avail, weights.to(device=dev, dtype=torch.float32), 0.0)
         self.pm_row_fixed = fixed.to(dev)
-        self.pm_all_available = bool(avail.all())
+        # Whether row 0 of the bias table is all zeros (free routing may then skip the table).
+        self.pm_all_available = bool(avail.all()) and not self.pm_shift_active
         self.pm_seq_weights = None
 
     # -- forward -------------------------------------------------------------------------------

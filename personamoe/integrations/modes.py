@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from personamoe.integrations.layers import persona_layers
 from personamoe.integrations.model_personas import refresh, state_of
+from personamoe.options import CALIBRATIONS, check_choice
 from personamoe.personas import Persona, PersonaState
 
 __all__ = ["merge", "set_routing", "unmerge"]
@@ -19,12 +20,31 @@ __all__ = ["merge", "set_routing", "unmerge"]
 M = TypeVar("M", bound=nn.Module)
 
 
-def set_routing(model: nn.Module, routing: str) -> None:
-    """Switch an injected model between ``"token"``, ``"sequence"`` and ``"fixed"`` routing."""
+def set_routing(
+    model: nn.Module, routing: str | None = None, *, calibration: str | None = None
+) -> None:
+    """Switch an injected model between ``"token"``, ``"sequence"`` and ``"fixed"`` routing, and/or
+    its ``calibration`` (``"none"``, ``"frobenius"``, or ``"data"`` once :func:`personamoe.calibrate`
+    has measured statistics); ``None`` keeps the current one."""
     if routing == "merged":
         raise ValueError("routing: use personamoe.merge(model, weights) for the merged mode")
     st = state_of(model)
-    st.set_routing(routing)
+    layers = [m for _, m in persona_layers(model)]
+    if calibration is not None:
+        check_choice("calibration", calibration, CALIBRATIONS)
+        if calibration == "data" and not all(layer.pm_data_calibrated for layer in layers):
+            raise ValueError(
+                "calibration: 'data' needs statistics measured on text; run "
+                "personamoe.calibrate(model, batches) first"
+            )
+        if any(layer.pm_merged for layer in layers):
+            raise ValueError("calibration: the model is merged; call personamoe.unmerge first")
+    if routing is not None:
+        st.set_routing(routing)
+    if calibration is not None:
+        for layer in layers:
+            layer.pm_set_calibration(calibration)
+        st.options["calibration"] = calibration
     refresh(model)
 
 

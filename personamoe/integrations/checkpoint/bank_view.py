@@ -14,10 +14,13 @@ from personamoe.integrations.bank_format import (
     AVAILABLE,
     BANK_TENSORS,
     CALIBRATION,
+    DATA_SCALE,
     LORA_A,
     LORA_B,
+    OPTIONAL_TENSORS,
     RANK,
     SCALING,
+    SCORE_SHIFT,
     tensor_key,
 )
 from personamoe.integrations.checkpoint.section import SECTION, ExportError, PersonaSection
@@ -30,13 +33,21 @@ def read_bank_tensors(
 ) -> dict[str, Tensor]:
     """One target's bank tensors from the bank file, checked for shape and consistency:
     ``lora_A [E, r, d_in]``, ``lora_B [E, d_out, r]``, ``scaling [E]`` (0 where absent),
-    ``calibration [E]`` (ones unless ``calibration == "frobenius"``) and ``available [E]`` (bool).
-    A ``personamoe-export/1`` section's ``ranks`` / ``scalings`` must agree with the bank."""
+    ``calibration [E]`` (the scores' divisor: ones for ``calibration == "none"``, ``||A_e||_F``
+    for ``"frobenius"``, ``sigma_e`` for ``"data"``), ``score_shift [E]`` (fp32, the offset to add
+    to every routed row of the persona bias table, the "no persona" row included: ``-mu_e /
+    sigma_e`` for ``"data"``, else zeros; 0 where absent) and ``available [E]`` (bool).
+    A ``personamoe-export/1`` section's ``ranks`` / ``scalings`` must agree with the bank.
+    ``score_shift`` and ``data_scale`` may be missing from ``tensors`` (banks written before them)
+    unless the section's calibration is ``"data"``."""
     file = section.bank_file()
     E = section.num_experts
     out: dict[str, Tensor] = {}
     for t in BANK_TENSORS:
         key = tensor_key(target, t)
+        if key not in tensors and t in OPTIONAL_TENSORS and section.calibration != "data":
+            out[t] = torch.full((E,), OPTIONAL_TENSORS[t])
+            continue
         if key not in tensors:
             raise ExportError(f"{file}: missing key {key!r} ('{SECTION}.targets' lists {target!r})")
         out[t] = tensors[key]
@@ -52,7 +63,7 @@ def read_bank_tensors(
             f"{file}: key {tensor_key(target, LORA_B)!r}: expected shape [E={E}, d_out, r={r}], "
             f"got {list(b.shape)}"
         )
-    for t in (SCALING, CALIBRATION, AVAILABLE, RANK):
+    for t in (SCALING, CALIBRATION, AVAILABLE, RANK, SCORE_SHIFT, DATA_SCALE):
         if tuple(out[t].shape) != (E,):
             raise ExportError(
                 f"{file}: key {tensor_key(target, t)!r}: expected shape [E={E}], got "
@@ -74,17 +85,31 @@ def read_bank_tensors(
     _check_declared(section, target, ranks, scaling, out)
     for t in (LORA_A, LORA_B):  # a NaN factor would turn every routed token into NaN
         check_finite(file, tensor_key(target, t), out[t], ExportError)
-    calibration = out[CALIBRATION].float() if section.calibration == "frobenius" else torch.ones(E)
+    if section.calibration == "frobenius":
+        calibration, cal_key = out[CALIBRATION].float(), CALIBRATION
+    elif section.calibration == "data":  # sigma, kept apart so that a bank saved in another mode
+        calibration, cal_key = out[DATA_SCALE].float(), DATA_SCALE  # serves "data" too
+    else:
+        calibration, cal_key = torch.ones(E), CALIBRATION
     if not bool((torch.isfinite(calibration) & (calibration > 0)).all()):
         raise ExportError(
-            f"{file}: key {tensor_key(target, CALIBRATION)!r}: expected finite values > 0, got "
-            f"{out[CALIBRATION].tolist()}"
+            f"{file}: key {tensor_key(target, cal_key)!r}: expected finite values > 0, got "
+            f"{out[cal_key].tolist()}"
         )
+    shift = torch.zeros(E)
+    if section.calibration == "data":
+        shift = torch.where(avail, out[SCORE_SHIFT].float(), 0.0)
+        if not bool(torch.isfinite(shift).all()):
+            raise ExportError(
+                f"{file}: key {tensor_key(target, SCORE_SHIFT)!r}: expected finite numbers, got "
+                f"{out[SCORE_SHIFT].tolist()}"
+            )
     return {
         "lora_A": a,
         "lora_B": b,
         "scaling": scaling,
         "calibration": calibration,
+        "score_shift": shift,
         "available": avail,
     }
 

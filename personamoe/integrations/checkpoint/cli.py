@@ -21,7 +21,12 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--normalize", default="topk", choices=NORMALIZE_MODES)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--calibration", default="none", choices=CALIBRATIONS)
+    p.add_argument("--calibration", default="none", choices=CALIBRATIONS,
+                   help="'data' measures per-expert statistics on --calibration-text")  # fmt: skip
+    p.add_argument("--calibration-text", default=None, metavar="FILE_OR_FOLDER",
+                   help="text for --calibration data (a file, or a folder of text files)")  # fmt: skip
+    p.add_argument("--calibration-tokens", type=int, default=None, metavar="N",
+                   help="at most N calibration tokens (default: all)")  # fmt: skip
     p.add_argument("--target-modules", nargs="+", default=None,
                    help="restrict the targets (names or suffixes, as in PEFT)")  # fmt: skip
     p.add_argument("--persona", action="append", default=[], metavar="SPEC",
@@ -83,9 +88,21 @@ def main(args: Any) -> int:
 
     adapters = _adapter_folders(args.adapters)
     personas = [parse_persona(s) for s in args.persona]
+    batches = None
+    if (args.calibration == "data") != (args.calibration_text is not None):
+        raise SystemExit("--calibration-text: needed with --calibration data, and only then")
+    if args.calibration_text is not None:
+        from transformers import AutoTokenizer
+
+        from personamoe.integrations.text_data import read_texts, token_chunks
+
+        tok = AutoTokenizer.from_pretrained(args.base)
+        batches = token_chunks(tok, read_texts(args.calibration_text, "--calibration-text"), 256)
     out = export(args.base, adapters, args.out, top_k=args.top_k, normalize=args.normalize,
                  temperature=args.temperature, calibration=args.calibration,
-                 target_modules=args.target_modules, personas=personas)  # fmt: skip
+                 target_modules=args.target_modules, personas=personas,
+                 calibration_batches=batches,
+                 calibration_max_tokens=args.calibration_tokens)  # fmt: skip
     served = f", personas {', '.join(p.name for p in personas)}" if personas else ""
     print(f"wrote {out} ({len(adapters)} experts, top_k={args.top_k}{served})")
     return 0

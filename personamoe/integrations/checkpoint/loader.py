@@ -70,13 +70,18 @@ def load_exported(path: str | Path, **from_pretrained: Any) -> nn.Module:
     _check_bank(section, bank.meta, bank.tensors)
     model = AutoModelForCausalLM.from_pretrained(str(path), **from_pretrained)
     install_bank(model, _with_section_routing(bank, section))
+    if bank.meta["options"].get("calibration", "none") != section.calibration:
+        # An edited section: the divisor the bank was saved with belongs to another mode.
+        from personamoe.integrations.modes import set_routing
+
+        set_routing(model, calibration=section.calibration)
     return model
 
 
 def _with_section_routing(bank: BankFiles, section: PersonaSection) -> BankFiles:
     """The bank with the section's routing options in place of the ones it was saved with: the
     section is authoritative (editing it changes how a served model routes)."""
-    calibrated = section.calibration == "frobenius"
+    calibrated = section.calibration in ("frobenius", "data")
     options = dict(bank.meta["options"], top_k=section.top_k, temperature=section.temperature,
                    normalize=section.normalize, calibration=section.calibration)  # fmt: skip
     layers = {name: dict(info, calibrated=calibrated) for name, info in bank.meta["layers"].items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,8 @@ def export(
     calibration: str = "none",
     target_modules: str | Sequence[str] | None = None,
     personas: Sequence[Persona] = (),
+    calibration_batches: Iterable[Any] | None = None,
+    calibration_max_tokens: int | None = None,
 ) -> Path:
     """Write the servable checkpoint of ``base`` (a transformers causal-LM folder) with one expert
     per PEFT adapter folder of ``adapters`` (``name -> folder``) to the folder ``out``.
@@ -83,6 +85,10 @@ def export(
     ``personas`` (:class:`~personamoe.Persona` objects over the adapters' names) are registered on
     the served model: they are saved with the bank and listed by name in the ``personamoe``
     section, so :func:`load_exported` and a server know the same names.
+
+    ``calibration="data"`` needs ``calibration_batches`` (token ids for the base model, as
+    :func:`personamoe.calibrate` takes them; at most ``calibration_max_tokens`` real tokens): the
+    statistics are measured here and saved with the bank.
 
     ``out`` must be new, empty or an earlier export: it is replaced as a whole, and only once the
     new checkpoint is complete (a failed export leaves the earlier one loadable)."""
@@ -97,6 +103,16 @@ def export(
         raise FileNotFoundError(
             f"{base / 'config.json'}: not found (expected a transformers model folder)"
         )
+    if calibration == "data" and calibration_batches is None:
+        raise ValueError(
+            "calibration_batches: expected token-id batches to measure calibration 'data' on, "
+            "got None"
+        )
+    if calibration != "data" and calibration_batches is not None:
+        raise ValueError(
+            f"calibration_batches: only used with calibration='data', got calibration="
+            f"{calibration!r}"
+        )
     _check_out(base, out)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto")
     # The base weights by name: inject keeps their Parameters and names, so they are saved below
@@ -104,7 +120,12 @@ def export(
     base_state = model.state_dict()
     # Every adapter is read and checked before anything is written.
     inject(model, dict(adapters), target_modules=target_modules, top_k=top_k, temperature=temperature,
-           normalize=normalize, calibration=calibration)  # fmt: skip
+           normalize=normalize, calibration="none" if calibration == "data" else calibration)  # fmt: skip
+    if calibration == "data":
+        from personamoe.integrations.calibrate import calibrate
+
+        assert calibration_batches is not None
+        calibrate(model, calibration_batches, max_tokens=calibration_max_tokens)
     names: list[str] = []
     for p in personas:
         if not isinstance(p, Persona):
