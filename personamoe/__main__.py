@@ -26,9 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     from personamoe.integrations.checkpoint import cli as export_cli
 
     export_cli.add_arguments(sub.add_parser("export", help=export_cli.CLI_HELP))
+    from personamoe.integrations import eval_routing
+
+    eval_routing.add_arguments(sub.add_parser("eval-routing", help=eval_routing.CLI_HELP))
     args = parser.parse_args(argv)
     if args.command == "export":
         return export_cli.main(args)
+    if args.command == "eval-routing":
+        return eval_routing.main(args)
     if args.command == "bench":
         return bench_cli.main(args)
     if args.command == "demo":
