@@ -335,3 +335,28 @@ def test_export_carries_the_statistics(setup, tmp_path):
 def test_layers_are_persona_layers(setup):
     model = _calibrated(setup)
     assert all(isinstance(m, PersonaLayer) for _, m in persona_layers(model))
+
+
+def test_sequence_routing_pools_calibrated_scores(setup):
+    model = _calibrated(setup)
+    personamoe.set_routing(model, "sequence")
+    name, layer = next(
+        (n, m) for n, m in persona_layers(model) if bool(m.pm_available.all()) is False
+    )
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 5, layer.in_features, generator=g)
+    with torch.no_grad():
+        y = layer(x)
+        # By hand: (||h|| / sigma + shift) pooled over each sequence, top-k over available experts.
+        h = R.shrink(x.reshape(-1, x.shape[-1]), layer.lora_A).reshape(3, 5, 3, -1)
+        z = torch.linalg.vector_norm(h, dim=-1) / layer.data_scale + layer.score_shift
+        pooled = torch.where(layer.pm_available, z.mean(1), float("-inf"))
+        idx, gates = R.route(pooled, top_k=2)
+        want = x @ layer.weight.T
+        for b in range(3):
+            for j in range(2):
+                e = int(idx[b, j])
+                if gates[b, j] > 0:
+                    want[b] += gates[b, j] * layer.scaling[e] * (h[b, :, e] @ layer.lora_B[e].T)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    assert name  # a layer with an absent expert: the shift must not revive it
