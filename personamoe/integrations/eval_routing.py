@@ -352,6 +352,12 @@ def plot(results: Mapping[str, Any], path: Path) -> bool:
             ax2.axhline(
                 sum(vals) / len(vals), color="black", linestyle=style, label=f"{kind} (mean)"
             )
+    shown = [e["adapters"][n]["loss"] for e in entries for n in names]
+    shown += [v for kind in ("oracle", "base") for v in results["loss"][kind].values()]
+    if shown:  # the differences, not the distance from zero
+        lo, hi = min(shown), max(shown)
+        pad = 0.1 * (hi - lo) + 1e-3
+        ax2.set_ylim(lo - pad, hi + pad)
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7)
     fig.tight_layout()
