@@ -9,12 +9,16 @@ docs/design.md §5: hidden 1024, intermediate 2816, 16 heads, 4 KV heads, vocab 
 of them, default 4, 8 in case M) or a narrow, deep one where the linear layers dominate
 (``--shape narrow``: hidden 576, intermediate 1536, 9 heads, 3 KV heads, vocab 49152, default 30
 layers: the shape of a 135M-parameter chat model),
-eight random persona adapters (r=16, all seven projections) exported with top_k=2, and one random
-LoRA of the same rank. Each provider then runs in its own vLLM engine (a subprocess; vLLM's CPU
-build, fp32, eager): a warm-up, then ``--repeats`` timed batches of 8 requests (prompt 64 tokens,
+eight random persona adapters (r=16, all seven projections) exported with top_k=2 and eight
+personas (:data:`PERSONAS`: allowed sets, biases and two fixed mixtures), and one random LoRA of
+the same rank. Each provider then runs in its own vLLM engine (a subprocess; vLLM's CPU build,
+fp32, eager): a warm-up, then ``--repeats`` timed batches of 8 requests (prompt 64 tokens,
 ``--new-tokens`` greedy tokens each, EOS ignored); ``--rounds`` alternate the providers' engines.
+The plugin runs twice: every request routing freely, and each of the 8 requests naming a
+different persona (``SamplingParams.extra_args={"persona": ...}``).
 Reported: the machine (the description every benchmark prints, ``personamoe.bench.runner``),
-median tokens/s over all timed batches and the ratios to the no-adapter engine.
+median tokens/s over all timed batches and the ratios to the no-adapter engine (and, for the
+personas, to free routing). ``--save FILE`` writes the results as JSON after every engine.
 """
 
 from __future__ import annotations
@@ -34,6 +38,23 @@ PROMPT = 64
 
 # (hidden, intermediate, heads, kv heads, vocab, default layers)
 SHAPES = {"wide": (1024, 2816, 16, 4, 32000, 4), "narrow": (576, 1536, 9, 3, 49152, 30)}
+
+
+def personas() -> list[object]:
+    """One persona per request of the batch: four allowed sets, two biases, two fixed mixtures."""
+    from personamoe import Persona
+
+    out: list[object] = []
+    for i in range(4):
+        out.append(Persona(f"allow{i}", allow=[f"p{i}", f"p{i + 4}", f"p{(i + 1) % 8}"]))
+    for i in range(4, 6):
+        out.append(Persona(f"bias{i}", bias={f"p{i}": 1.0, f"p{i - 4}": 0.5}))
+    for i in range(6, 8):
+        out.append(Persona(f"fixed{i}", weights={f"p{i}": 0.6, f"p{i - 6}": 0.4}))
+    return out
+
+
+PERSONAS = [p.name for p in personas()]  # type: ignore[attr-defined]
 
 
 def build(root: Path, layers: int, shape: str = "wide") -> dict[str, Path]:
@@ -71,11 +92,13 @@ def build(root: Path, layers: int, shape: str = "wide") -> dict[str, Path]:
 
     experts = {f"p{e}": adapter(root / "adapters" / f"p{e}") for e in range(8)}
     lora = adapter(root / "lora")
-    out = export(base, experts, root / "export", top_k=2)
+    out = export(base, experts, root / "export", top_k=2, personas=personas())  # type: ignore[arg-type]
     return {"base": base, "lora": lora, "export": out}
 
 
-def worker(model: str, lora: str | None, new_tokens: int, repeats: int) -> dict[str, object]:
+def worker(
+    model: str, lora: str | None, new_tokens: int, repeats: int, with_personas: bool = False
+) -> dict[str, object]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
@@ -86,7 +109,15 @@ def worker(model: str, lora: str | None, new_tokens: int, repeats: int) -> dict[
     # On CPU this is the share of RAM vLLM reserves (weights + KV cache); 0.1 is too little here.
     llm = LLM(model=model, enforce_eager=True, dtype="float32", gpu_memory_utilization=0.3,
               max_model_len=512, seed=0, enable_prefix_caching=False, **kwargs)  # fmt: skip
-    sp = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
+    sp: object = SamplingParams(
+        temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False
+    )
+    if with_personas:  # request i names persona i
+        sp = [
+            SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True,
+                           detokenize=False, extra_args={"persona": name})
+            for name in PERSONAS[:BATCH]
+        ]  # fmt: skip
     prompts = [TokensPrompt(prompt_token_ids=[1] + [3 + (7 * i + 5 * j) % 120 for j in range(PROMPT - 1)])
                for i in range(BATCH)]  # fmt: skip
     req = LoRARequest("lora", 1, lora) if lora else None
@@ -110,11 +141,14 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="engine starts per provider, alternating")
     p.add_argument("--out", default=None, help="keep the built checkpoints here (default: temp)")
+    p.add_argument("--save", default=None, help="write the results as JSON here as they come")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "LORA"), help=argparse.SUPPRESS)
+    p.add_argument("--with-personas", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         model, lora = args.worker
-        res = worker(model, lora if lora != "-" else None, args.new_tokens, args.repeats)
+        res = worker(model, lora if lora != "-" else None, args.new_tokens, args.repeats,
+                     args.with_personas)  # fmt: skip
         print("RESULT " + json.dumps(res), flush=True)
         return 0
 
@@ -127,16 +161,19 @@ def main() -> int:
     layers = args.layers or SHAPES[args.shape][5]
     print(f"shape {args.shape}, {layers} layers", flush=True)
     paths = build(root, layers, args.shape)
+    free, mixed = "vllm + personamoe (E=8, r=16, k=2)", "vllm + personamoe, a persona per request"
     runs = {
-        "vllm (no adapters)": (paths["base"], None),
-        "vllm + 1 LoRA": (paths["base"], paths["lora"]),
-        "vllm + personamoe (E=8, r=16, k=2)": (paths["export"], None),
+        "vllm (no adapters)": (paths["base"], None, False),
+        "vllm + 1 LoRA": (paths["base"], paths["lora"], False),
+        free: (paths["export"], None, False),
+        mixed: (paths["export"], None, True),
     }
     all_rates: dict[str, list[float]] = {name: [] for name in runs}
     for rnd in range(args.rounds):  # providers alternate, so that drift hits them alike
-        for name, (model, lora) in runs.items():
+        for name, (model, lora, named) in runs.items():
             cmd = [sys.executable, __file__, "--worker", str(model), str(lora or "-"),
-                   "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]  # fmt: skip
+                   "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+                   *(["--with-personas"] if named else [])]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
             if proc.returncode != 0:
                 print(proc.stderr[-6000:], file=sys.stderr)
@@ -146,6 +183,10 @@ def main() -> int:
             all_rates[name] += rates
             shown = ", ".join(f"{r:.1f}" for r in rates)
             print(f"round {rnd}: {name:40s} {shown} tokens/s", flush=True)
+            if args.save:
+                Path(args.save).write_text(json.dumps(
+                    {"machine": describe_machine(), "shape": args.shape, "layers": layers,
+                     "new_tokens": args.new_tokens, "tokens_per_s": all_rates}, indent=1))  # fmt: skip
     results = {name: statistics.median(r) for name, r in all_rates.items()}
     print()
     for name, rate in results.items():
@@ -156,6 +197,7 @@ def main() -> int:
     )
     for name, rate in results.items():
         print(f"{name:40s} {rate / floor:6.3f} x the no-adapter throughput")
+    print(f"{mixed:40s} {results[mixed] / results[free]:6.3f} x free routing")
     if tmp is not None:
         tmp.cleanup()
     return 0

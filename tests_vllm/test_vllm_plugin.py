@@ -230,6 +230,30 @@ def test_qwen2_with_qkv_bias_matches_transformers(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "qwen2.json").read_text())["plain"] == want
 
 
+def test_data_calibration_with_personas_matches_transformers(tmp_path: Path) -> None:
+    """An export calibrated from data (per-expert sigma divides the score, the shift joins every
+    routed row's bias, "no persona" included) serves the tokens transformers gives."""
+    folders = tiny.build_all(tmp_path, top_k=2, with_personas=True, data_calibration=True)
+    cfg = json.loads((folders["export"] / "config.json").read_text())
+    assert cfg["personamoe"]["calibration"] == "data"
+    out = tmp_path / "data.json"
+    proc = run_engine(folders["export"], out, personas=PERSONAS)
+    if proc.returncode != 0:
+        pytest.fail(f"vLLM data-calibration run failed ({proc.returncode}):\n{proc.stderr[-8000:]}")
+    model = load_exported(folders["export"]).eval()
+    got = json.loads(out.read_text())
+    assert got["plain"] == [greedy(model, p, MAX_TOKENS) for p in PROMPTS]
+    prompts = persona_prompts(PROMPTS, len(PERSONAS))
+    assert got["personas"] == [
+        greedy_as(model, p, n) for p, n in zip(prompts, PERSONAS, strict=True)
+    ]
+    # The calibration matters: the uncalibrated export of the same bank routes otherwise.
+    from personamoe import set_routing
+
+    set_routing(model, calibration="none")
+    assert got["plain"] != [greedy(model, p, MAX_TOKENS) for p in PROMPTS]
+
+
 def test_malformed_section_fails_clearly(setup: dict[str, Any]) -> None:
     bad = setup["root"] / "bad_export"
     shutil.copytree(setup["folders"]["export"], bad)

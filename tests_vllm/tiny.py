@@ -113,14 +113,22 @@ def personas() -> list[Any]:
 
 
 def build_all(
-    root: Path, top_k: int = 2, arch: str = "llama", with_personas: bool = False
-) -> dict[str, Path]:
-    """``{"base", "adapters", "export"}`` folders under ``root`` (the export with ``top_k``, and
-    the :func:`personas` when ``with_personas``)."""
+    root: Path, top_k: int = 2, arch: str = "llama", with_personas: bool = False,
+    data_calibration: bool = False,
+) -> dict[str, Path]:  # fmt: skip
+    """``{"base", "adapters", "export"}`` folders under ``root`` (the export with ``top_k``, the
+    :func:`personas` when ``with_personas``, calibration "data" measured on random token batches
+    when ``data_calibration``)."""
     from personamoe.integrations.export import export
 
     base = build_base(root / "base", arch=arch)
     adapters = build_adapters(base, root / "adapters")
+    extra: dict[str, Any] = {}
+    if data_calibration:
+        g = torch.Generator().manual_seed(5)
+        extra = {"calibration": "data",
+                 "calibration_batches": [torch.randint(3, len(WORDS) + 3, (2, 24), generator=g)
+                                         for _ in range(3)]}  # fmt: skip
     out = export(base, adapters, root / "export", top_k=top_k,
-                 personas=personas() if with_personas else ())  # fmt: skip
+                 personas=personas() if with_personas else (), **extra)  # fmt: skip
     return {"base": base, "adapters": root / "adapters", "export": out}

@@ -139,11 +139,13 @@ class PersonaLinearMethod(UnquantizedLinearMethod):
             rcols = tp.split_range(a.shape[1], lay.tp_rank, lay.tp_size)
             a, b = a[:, :, cols], b[:, :, rcols]
         avail = t["available"]
+        shift = t["score_shift"].to(torch.float32)  # zeros unless calibration == "data"
         bias = None
-        if not bool(avail.all()):
-            # Experts that do not target this module are absent from its ranking (docs/design.md §1).
-            bias = torch.where(avail, 0.0, float("-inf")).reshape(1, -1).to(dev, torch.float32)
-        cal = t["calibration"].to(dev, torch.float32) if sec.calibration == "frobenius" else None
+        if not bool(avail.all()) or sec.calibration == "data":
+            # Experts that do not target this module are absent from its ranking (docs/design.md
+            # §1); data calibration's shift is a bias every routed token gets (row 0, id 0).
+            bias = torch.where(avail, shift, float("-inf")).reshape(1, -1).to(dev, torch.float32)
+        cal = t["calibration"].to(dev, torch.float32) if sec.calibration != "none" else None
         out: dict[str, Tensor | None] = {
             "lora_A": a.to(dev, dt).contiguous(),
             "lora_B": b.to(dev, dt).contiguous(),
@@ -155,7 +157,9 @@ class PersonaLinearMethod(UnquantizedLinearMethod):
         }
         if sec.personas:
             # Per-request personas: this layer's [R, E] tables (row 0: no persona).
-            out["route_bias"], out["fixed_weights"] = layer_tables(served_personas(sec), avail, dev)
+            out["route_bias"], out["fixed_weights"] = layer_tables(
+                served_personas(sec), avail, dev, shift
+            )
         return out
 
     # -- forward ---------------------------------------------------------------------------------

@@ -112,16 +112,18 @@ def served_personas(section: PersonaSection) -> ServedPersonas:
 
 
 def layer_tables(
-    served: ServedPersonas, available: Tensor, device: torch.device
+    served: ServedPersonas, available: Tensor, device: torch.device, shift: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """``(route_bias, fixed_weights)``, both ``[R, E]`` fp32 on ``device``, for one layer whose
     experts ``available [E]`` target it: a routing row gets its persona's bias plus ``-inf`` for
     absent experts; a fixed row's bias is all ``-inf`` (it contributes nothing to the routed call)
     and its weights are its mixture over the available experts (a routing row's weights are zero,
-    so it contributes nothing to the fixed call)."""
+    so it contributes nothing to the fixed call). ``shift [E]`` (data calibration's score offset)
+    is added to every routing row, row 0 included."""
     avail = available.to(torch.bool).reshape(1, -1)
     fixed = served.fixed.reshape(-1, 1)
-    route = torch.where(avail & ~fixed, served.bias, float("-inf"))
+    bias = served.bias if shift is None else served.bias + shift.to(torch.float32).reshape(1, -1)
+    route = torch.where(avail & ~fixed, bias, float("-inf"))
     weights = torch.where(avail & fixed, served.weights, 0.0)
     return route.to(device, torch.float32).contiguous(), weights.to(device, torch.float32)
 
