@@ -208,6 +208,18 @@ class PersonaLinearMethod(UnquantizedLinearMethod):
             ids = _zeros(x) if pb is not None else None
             persona_moe_mix_op(x, y, *common, pb, ids, None)
             return
+        if fixed and not torch.compiler.is_compiling():
+            # Eager, fixed personas in the batch: each token through one call, its kind's.
+            split = current_batch()
+            assert split is not None
+            route_tok, fixed_tok = split.kinds(rows)
+            for sel, pb, w in ((route_tok, bank["route_bias"], None),
+                               (fixed_tok, None, bank["fixed_weights"])):  # fmt: skip
+                if sel.numel():
+                    ys = y.index_select(0, sel)
+                    persona_moe_mix_op(x.index_select(0, sel), ys, *common, pb, rows[sel], w)
+                    y.index_copy_(0, sel, ys)
+            return
         # Routing rows rank with their persona's bias (a fixed row's is all -inf: it adds
         # nothing); then fixed rows add their mixture (a routing row's weights are zero).
         persona_moe_mix_op(x, y, *common, bank["route_bias"], rows, None)

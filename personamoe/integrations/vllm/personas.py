@@ -228,6 +228,8 @@ class BatchPersonas:
         self.active = False  # some row of the batch names a persona
         self.has_fixed = False  # some row of the batch names a fixed-mixture persona
         self._cache: tuple[Any, int, Tensor] | None = None
+        self._kinds: tuple[Tensor, Tensor, Tensor] | None = None
+        self.fixed_rows = served.fixed.to(device)
 
     def row_of(self, params: Any) -> int:
         name = requested_persona(params)
@@ -264,7 +266,19 @@ class BatchPersonas:
         self.active = any(rows[:n])
         self.has_fixed = any(bool(fixed[r]) for r in rows[:n] if r)
         self.device_rows.copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
-        self._cache = None
+        self._cache = self._kinds = None
+
+    def kinds(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """``(indices of routing tokens, indices of fixed-mixture tokens)`` of this forward's
+        token rows ``rows`` (computed once per forward, shared by the layers)."""
+        hit = self._kinds
+        if hit is not None and hit[0] is rows:
+            return hit[1], hit[2]
+        fixed = self.fixed_rows.to(rows.device)[rows]
+        route_tok = (~fixed).nonzero().reshape(-1)
+        fixed_tok = fixed.nonzero().reshape(-1)
+        self._kinds = (rows, route_tok, fixed_tok)
+        return route_tok, fixed_tok
 
     def tokens(self, num_tokens: int, device: torch.device) -> Tensor:
         """``[num_tokens]`` persona rows of this forward's tokens (0 for padding)."""
