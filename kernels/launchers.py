@@ -74,11 +74,15 @@ def choose_paths(T: int, E: int, r: int, k: int, fixed: bool) -> tuple[str, str]
     return regime, base
 
 
-def persona_moe_linear(a: LayerArgs, y_given: torch.Tensor | None = None) -> LayerOutputs:
+def persona_moe_linear(
+    a: LayerArgs, y_given: torch.Tensor | None = None, h_given: torch.Tensor | None = None
+) -> LayerOutputs:
     """The layer of docs/design.md §1 on 2-D ``x``: ``(y, topk_idx, topk_gates, scores)``.
 
     With ``y_given`` (``[T, d_out]``, unit inner stride, holding the base output the caller
     computed) the adapters' term is added into it in place; ``a.weight``/``a.bias`` are not read.
+    With ``h_given`` (fp32 ``[T, E*r]``: a shrink the caller computed) no shrink runs; the route
+    kernel reads a copy (it writes its sum of the split partials into its first input).
     """
     x = a.x
     T = x.shape[0]
@@ -90,7 +94,10 @@ def persona_moe_linear(a: LayerArgs, y_given: torch.Tensor | None = None) -> Lay
     if y_given is not None:
         base_mode = "given"
 
-    h_parts = shrink_parts(x, a.lora_a)
+    if h_given is not None:
+        h_parts = h_given.reshape(1, T, E * r).to(torch.float32, copy=True).contiguous()
+    else:
+        h_parts = shrink_parts(x, a.lora_a)
     # The route kernel sums the split partials in split order into h_parts[0] (deterministic h).
     idx, gates, n, coef = route(
         h_parts, num_tokens=T, num_experts=E, rank=r, top_k=k, temperature=a.temperature,

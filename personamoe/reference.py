@@ -174,13 +174,16 @@ def persona_moe_linear_full(
     persona_weights: Tensor | None = None,
     topk_idx: Tensor | None = None,
     base: bool = True,
+    h: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The whole layer on 2-D ``x``: ``(y, topk_idx int32, topk_gates, scores)``.
 
     ``scores`` is ``n [T, E]`` in token mode and the token's weight row in fixed mode. Passing
     ``topk_idx`` replays a routing decision already made (the backward pass uses this so that the
     choice, which has no gradient, is exactly the forward one). ``base=False`` leaves out
-    ``x W^T + b``: ``y`` is the adapter term alone.
+    ``x W^T + b``: ``y`` is the adapter term alone. ``h`` (``[T, E, r]`` or ``[T, E*r]``) is a
+    shrink the caller computed (e.g. all-reduced over tensor-parallel ranks), used in place of
+    ``A x`` for the scores and the mix.
     """
     cdt = compute_dtype(x.dtype)
     T = x.shape[0]
@@ -192,7 +195,10 @@ def persona_moe_linear_full(
             y = y + bias.to(cdt)
     else:  # the adapter term alone (the op's backward adds the base's gradient analytically)
         y = x.new_zeros((), dtype=cdt)
-    h = shrink(x, lora_a)
+    if h is None:
+        h = shrink(x, lora_a)
+    else:
+        h = h.to(cdt).reshape(T, E, lora_a.shape[1])
     if persona_weights is not None:
         w = persona_rows(persona_weights.to(cdt), persona_ids, T)
         idx, gates = fixed_route(w, k)

@@ -91,31 +91,39 @@ class Backend:
         """The backend's own kernels, for inputs of a dtype in ``kernel_dtypes``."""
         raise NotImplementedError
 
-    def mix_into(self, args: LayerArgs, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def mix_into(
+        self, args: LayerArgs, y: Tensor, h: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Add the adapters' term of the layer into ``y`` (which holds the base output, computed by
         the caller: vLLM's own GEMM, a tensor-parallel all-reduce) in place; ``args.weight`` and
-        ``args.bias`` are not read. Returns ``(topk_idx, topk_gates, scores)``. The reference
-        here; backends with kernels for it override :meth:`mix_run`."""
+        ``args.bias`` are not read. ``h`` (fp32 ``[T, E*r]``, unit inner stride): a shrink the
+        caller computed, used instead of ``A x`` (``args.lora_a`` is then not read). Returns
+        ``(topk_idx, topk_gates, scores)``. The reference here; backends with kernels for it
+        override :meth:`mix_run`."""
         if args.x.dtype not in self.kernel_dtypes:
-            return reference_mix_into(args, y)
+            return reference_mix_into(args, y, h)
         args = kernel_ready(args)
         if args.x.device.type == "cpu":
-            return self.mix_run(args, y)
+            return self.mix_run(args, y, h)
         with device_guard(args.x.device):
-            return self.mix_run(args, y)
+            return self.mix_run(args, y, h)
 
-    def mix_run(self, args: LayerArgs, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return reference_mix_into(args, y)
+    def mix_run(
+        self, args: LayerArgs, y: Tensor, h: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return reference_mix_into(args, y, h)
 
 
-def reference_mix_into(args: LayerArgs, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def reference_mix_into(
+    args: LayerArgs, y: Tensor, h: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """:meth:`Backend.mix_into` by the reference: the adapter term alone, added into ``y``."""
     a = args
     term, idx, gates, n = reference.persona_moe_linear_full(
         a.x, a.weight, None, a.lora_a, a.lora_b, a.scaling,
         top_k=a.top_k, temperature=a.temperature, normalize=a.normalize,
         calibration=a.calibration, persona_bias=a.persona_bias, persona_ids=a.persona_ids,
-        persona_weights=a.persona_weights, base=False,
+        persona_weights=a.persona_weights, base=False, h=h,
     )  # fmt: skip
     y.add_(term.to(y.dtype))
     return idx, gates, n

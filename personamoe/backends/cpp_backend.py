@@ -110,12 +110,16 @@ def _f32c(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def fused_forward(a: LayerArgs, y_given: Tensor | None = None) -> LayerOutputs:
+def fused_forward(
+    a: LayerArgs, y_given: Tensor | None = None, h_given: Tensor | None = None
+) -> LayerOutputs:
     """The whole layer through the fused kernel (fp32, bf16 or fp16 CPU tensors; 2-D ``x``).
 
     With ``y_given`` (``[T, d_out]``, dtype of ``x``, unit inner stride, any row stride: e.g. the
     columns of one part of a fused layer's output) the base is not computed: the mix is added into
-    ``y_given`` in place and ``a.weight``/``a.bias`` are not read.
+    ``y_given`` in place and ``a.weight``/``a.bias`` are not read. With ``h_given`` (fp32
+    ``[T, E*r]``, unit inner stride, any row stride: a shrink the caller computed, e.g.
+    all-reduced over tensor-parallel ranks) the kernel ranks and mixes from it and never writes it.
 
     The caller has validated shapes, dtypes and devices; everything the kernel reads is made
     contiguous here (a no-op for the usual layouts). Persona ids of any value are safe: the kernel
@@ -161,8 +165,16 @@ def fused_forward(a: LayerArgs, y_given: Tensor | None = None) -> LayerOutputs:
             ids = ids.contiguous()
     # Many fp32 tokens: the shrink is a GEMM of its own (oneDNN's cache blocking beats the kernel's
     # GEMV-like tiles there), and the kernel routes and mixes from that h.
-    h = None
-    if SHRINK_GEMM_MIN_TOKENS and T >= SHRINK_GEMM_MIN_TOKENS and x.dtype is _f32 and not fixed:
+    h = h_given
+    if h is not None and h.shape[0] > 1 and h.stride(0) < E * r:
+        h = h.contiguous()
+    if (
+        h is None
+        and SHRINK_GEMM_MIN_TOKENS
+        and T >= SHRINK_GEMM_MIN_TOKENS
+        and x.dtype is _f32
+        and not fixed
+    ):
         h = base_linear(x, lora_a.view(E * r, d_in), None)
     C = _ext()
     codes = _codes()
@@ -199,6 +211,8 @@ class CppBackend(Backend):
     def run(self, a: LayerArgs) -> LayerOutputs:
         return fused_forward(a)
 
-    def mix_run(self, a: LayerArgs, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        _, idx, gates, n = fused_forward(a, y_given=y)
+    def mix_run(
+        self, a: LayerArgs, y: Tensor, h: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        _, idx, gates, n = fused_forward(a, y_given=y, h_given=h)
         return idx, gates, n

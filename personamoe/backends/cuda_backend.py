@@ -45,7 +45,7 @@ class CudaBackend(Backend):
         return cuda_launch.persona_moe_linear(args)
 
     def mix_run(
-        self, args: LayerArgs, y: torch.Tensor
+        self, args: LayerArgs, y: torch.Tensor, h: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # The mixture alone (a base computed elsewhere) goes through the Triton kernels, which
         # take any T; the decode kernel is built around its fused base.
@@ -53,5 +53,5 @@ class CudaBackend(Backend):
 
         triton = TritonBackend()
         if triton.available()[0]:
-            return triton.mix_run(args, y)
-        return super().mix_run(args, y)
+            return triton.mix_run(args, y, h)
+        return super().mix_run(args, y, h)

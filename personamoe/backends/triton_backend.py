@@ -52,7 +52,7 @@ class TritonBackend(Backend):
         return launchers.persona_moe_linear(args)
 
     def mix_run(
-        self, args: LayerArgs, y: torch.Tensor
+        self, args: LayerArgs, y: torch.Tensor, h: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from personamoe.kernels import launchers
 
@@ -61,5 +61,5 @@ class TritonBackend(Backend):
                 "x: expected float32 or float16 for the Triton interpreter on CPU (it computes "
                 "bfloat16 dots wrongly), got torch.bfloat16; use the cpp backend on CPU"
             )
-        _, idx, gates, n = launchers.persona_moe_linear(args, y_given=y)
+        _, idx, gates, n = launchers.persona_moe_linear(args, y_given=y, h_given=h)
         return idx, gates, n
