@@ -7,7 +7,9 @@ vLLM's code) whose ``apply`` runs the persona mixture. Fused layers (``qkv_proj`
 hold one bank per part, each with its own routing, exactly like the separate layers of the
 checkpoint. Tensor-parallel sharding follows ``personamoe.integrations.tp``: column-parallel layers
 keep ``A`` whole and shard ``B`` by output rows; row-parallel layers shard ``A`` by input columns,
-all-reduce ``h`` before ranking, and shard ``B`` by rank columns.
+all-reduce ``h`` and hand it to the op (``persona_moe_mix_(..., h=h)``: the fused kernel ranks on the
+whole ``h``), with ``B`` zero outside the rank's share of the rank columns, so the ranks' partial
+outputs sum (vLLM's all-reduce of ``y``) to the layer's. Every layout's base is vLLM's own GEMM.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
@@ -82,10 +83,7 @@ class PersonaLinearMethod(UnquantizedLinearMethod):
     # -- loading ---------------------------------------------------------------------------------
     def process_weights_after_loading(self, layer: Any) -> None:
         # vLLM post-processes the weight as for any unquantized layer (on CPU: prepacked for its
-        # oneDNN GEMM); only a row-parallel layer with TP > 1 needs the plain weight, for its
-        # shards' partial outputs (personamoe.integrations.tp).
-        if self.layout.kind == "row" and self.layout.tp_size > 1:
-            layer._cpu_skip_gemm_dispatch = True
+        # oneDNN GEMM): every layout computes its base through vLLM's own method.
         # The plain weight's shape, device and dtype, before vLLM may replace it by a packed one.
         w = layer.weight
         plain = torch.empty((), device=w.device, dtype=w.dtype).expand(*w.shape)
@@ -133,11 +131,15 @@ class PersonaLinearMethod(UnquantizedLinearMethod):
                     f"{where}: expected [E, r, d_in={d_in_full}] / lora_B [E, d_out="
                     f"{weight.shape[0]}, r], got {list(a.shape)} / {list(b.shape)}"
                 )
-            # Row-parallel: A by input columns (like W), B by rank columns (r padded).
+            # Row-parallel: A by input columns (like W). The kernel ranks and mixes from the
+            # all-reduced h of the full (padded) rank, so B keeps every rank column, zero outside
+            # this rank's: the ranks' partial outputs then sum to the layer's (all-reduce of y).
             a, b = tp.pad_rank(a, b, lay.tp_size)
             cols = tp.split_range(a.shape[2], lay.tp_rank, lay.tp_size)
             rcols = tp.split_range(a.shape[1], lay.tp_rank, lay.tp_size)
-            a, b = a[:, :, cols], b[:, :, rcols]
+            b_mine = torch.zeros_like(b)
+            b_mine[:, :, rcols] = b[:, :, rcols]
+            a, b = a[:, :, cols], b_mine
         avail = t["available"]
         shift = t["score_shift"].to(torch.float32)  # zeros unless calibration == "data"
         bias = None
@@ -147,6 +149,10 @@ class PersonaLinearMethod(UnquantizedLinearMethod):
             bias = torch.where(avail, shift, float("-inf")).reshape(1, -1).to(dev, torch.float32)
         cal = t["calibration"].to(dev, torch.float32) if sec.calibration != "none" else None
         out: dict[str, Tensor | None] = {
+            # Row-parallel shrink input: [E*r, d_in/tp] fp32 (h is all-reduced in fp32).
+            "lora_A_rows": a.reshape(-1, a.shape[2]).to(dev, torch.float32).contiguous()
+            if lay.kind == "row"
+            else None,
             "lora_A": a.to(dev, dt).contiguous(),
             "lora_B": b.to(dev, dt).contiguous(),
             "scaling": t["scaling"].to(dev, torch.float32),
@@ -165,24 +171,35 @@ class PersonaLinearMethod(UnquantizedLinearMethod):
     # -- forward ---------------------------------------------------------------------------------
     def apply(self, layer: Any, x: Tensor, bias: Tensor | None = None) -> Tensor:
         lay = self.layout
-        if lay.kind == "row" and lay.tp_size > 1:
-            lead = x.shape[:-1]
-            y = self._row_parallel(x.reshape(-1, x.shape[-1]), layer.weight, bias)
-            return y.reshape(*lead, y.shape[-1])
         # vLLM's own GEMM for the whole (possibly fused) base output, on its fastest path (a
-        # prepacked oneDNN weight on CPU), then each banked part's mixture added into its columns
-        # of that output in place: no second base GEMM, no torch.cat.
+        # prepacked oneDNN weight on CPU; a row-parallel rank's partial output), then each banked
+        # part's mixture added into its columns of that output in place: no second base GEMM, no
+        # torch.cat.
         y = super().apply(layer, x, bias)
         if not y.is_contiguous():  # the parts below must be views of the output returned
             y = y.contiguous()
         x2 = x.reshape(-1, x.shape[-1])
         y2 = y.reshape(-1, y.shape[-1])
         rows, fixed = self._token_personas(x2)
+        h = None
+        if lay.kind == "row" and lay.tp_size > 1 and lay.parts[0].bank is not None:
+            h = self._all_reduced_h(x2, lay.parts[0].bank)
         for part in lay.parts:
             if part.bank is not None:
                 self._mix_into(x2, y2[:, part.start : part.start + part.size], part.bank, rows,
-                               fixed)  # fmt: skip
+                               fixed, h)  # fmt: skip
         return y
+
+    @staticmethod
+    def _all_reduced_h(x: Tensor, bank: dict[str, Tensor | None]) -> Tensor:
+        """Row-parallel: this rank's partial shrink from its input columns, summed over the
+        ranks (one all-reduce of ``[T, E*r]`` fp32, the size of the adapters' activations)."""
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        a_rows = bank["lora_A_rows"]
+        assert a_rows is not None
+        h = torch.nn.functional.linear(x.to(torch.float32), a_rows)
+        return tensor_model_parallel_all_reduce(h)
 
     def _token_personas(self, x: Tensor) -> tuple[Tensor | None, bool]:
         """``(persona row per token or None, whether a fixed-mixture persona may be among them)``.
@@ -198,7 +215,7 @@ class PersonaLinearMethod(UnquantizedLinearMethod):
 
     def _mix_into(
         self, x: Tensor, y: Tensor, bank: dict[str, Tensor | None], rows: Tensor | None = None,
-        fixed: bool = False,
+        fixed: bool = False, h: Tensor | None = None,
     ) -> None:  # fmt: skip
         sec = self.section
         common = (bank["lora_A"], bank["lora_B"], bank["scaling"], sec.top_k, sec.temperature,
@@ -206,7 +223,7 @@ class PersonaLinearMethod(UnquantizedLinearMethod):
         if rows is None:
             pb = bank["persona_bias"]
             ids = _zeros(x) if pb is not None else None
-            persona_moe_mix_op(x, y, *common, pb, ids, None)
+            persona_moe_mix_op(x, y, *common, pb, ids, None, h)
             return
         if fixed and not torch.compiler.is_compiling():
             # Eager, fixed personas in the batch: each token through one call, its kind's.
@@ -217,37 +234,15 @@ class PersonaLinearMethod(UnquantizedLinearMethod):
                                (fixed_tok, None, bank["fixed_weights"])):  # fmt: skip
                 if sel.numel():
                     ys = y.index_select(0, sel)
-                    persona_moe_mix_op(x.index_select(0, sel), ys, *common, pb, rows[sel], w)
+                    hs = None if h is None else h.index_select(0, sel)
+                    persona_moe_mix_op(x.index_select(0, sel), ys, *common, pb, rows[sel], w, hs)
                     y.index_copy_(0, sel, ys)
             return
         # Routing rows rank with their persona's bias (a fixed row's is all -inf: it adds
         # nothing); then fixed rows add their mixture (a routing row's weights are zero).
-        persona_moe_mix_op(x, y, *common, bank["route_bias"], rows, None)
+        persona_moe_mix_op(x, y, *common, bank["route_bias"], rows, None, h)
         if fixed:
-            persona_moe_mix_op(x, y, *common, None, rows, bank["fixed_weights"])
-
-    def _row_parallel(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        from vllm.distributed import tensor_model_parallel_all_reduce
-
-        lay, sec = self.layout, self.section
-        bank = lay.parts[0].bank
-        if bank is None:
-            return F.linear(x, weight, bias)
-        rows, fixed = self._token_personas(x)
-        pb, weights = bank["persona_bias"], None
-        ids = _zeros(x) if pb is not None else None
-        if rows is not None:
-            pb, ids = bank["route_bias"], rows
-            weights = bank["fixed_weights"] if fixed else None
-        shard = tp.RowShard(weight, bias, bank["lora_A"], bank["lora_B"])  # type: ignore[arg-type]
-        y, _, _ = tp.row_parallel_forward(
-            x, shard, bank["scaling"], rank=lay.tp_rank, world_size=lay.tp_size,  # type: ignore[arg-type]
-            all_reduce=tensor_model_parallel_all_reduce, top_k=sec.top_k,
-            temperature=sec.temperature, normalize=sec.normalize,
-            calibration=bank["calibration"], persona_bias=pb, persona_ids=ids,
-            persona_weights=weights,
-        )  # fmt: skip
-        return y
+            persona_moe_mix_op(x, y, *common, None, rows, bank["fixed_weights"], h)
 
 
 def _zeros(x: Tensor) -> Tensor:
