@@ -14,8 +14,10 @@ personas (:data:`PERSONAS`: allowed sets, biases and two fixed mixtures), and on
 the same rank. Each provider then runs in its own vLLM engine (a subprocess; vLLM's CPU build,
 fp32, eager): a warm-up, then ``--repeats`` timed batches of 8 requests (prompt 64 tokens,
 ``--new-tokens`` greedy tokens each, EOS ignored); ``--rounds`` alternate the providers' engines.
-The plugin runs twice: every request routing freely, and each of the 8 requests naming a
-different persona (``SamplingParams.extra_args={"persona": ...}``).
+The plugin runs three times: every request routing freely; each of the 8 requests naming a
+different persona (``SamplingParams.extra_args={"persona": ...}``; two are fixed mixtures, which
+cost a second pass of the mixture over the batch); and the 8 requests naming only the six routing
+personas.
 Reported: the machine (the description every benchmark prints, ``personamoe.bench.runner``),
 median tokens/s over all timed batches and the ratios to the no-adapter engine (and, for the
 personas, to free routing). ``--save FILE`` writes the results as JSON after every engine.
@@ -55,6 +57,7 @@ def personas() -> list[object]:
 
 
 PERSONAS = [p.name for p in personas()]  # type: ignore[attr-defined]
+ROUTING = [n for n in PERSONAS if not n.startswith("fixed")]
 
 
 def build(root: Path, layers: int, shape: str = "wide") -> dict[str, Path]:
@@ -97,7 +100,7 @@ def build(root: Path, layers: int, shape: str = "wide") -> dict[str, Path]:
 
 
 def worker(
-    model: str, lora: str | None, new_tokens: int, repeats: int, with_personas: bool = False
+    model: str, lora: str | None, new_tokens: int, repeats: int, with_personas: str = ""
 ) -> dict[str, object]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -112,11 +115,12 @@ def worker(
     sp: object = SamplingParams(
         temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False
     )
-    if with_personas:  # request i names persona i
+    if with_personas:  # "all": request i names persona i; "routing": the routing ones only
+        names = PERSONAS[:BATCH] if with_personas == "all" else (ROUTING * BATCH)[:BATCH]
         sp = [
             SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True,
                            detokenize=False, extra_args={"persona": name})
-            for name in PERSONAS[:BATCH]
+            for name in names
         ]  # fmt: skip
     prompts = [TokensPrompt(prompt_token_ids=[1] + [3 + (7 * i + 5 * j) % 120 for j in range(PROMPT - 1)])
                for i in range(BATCH)]  # fmt: skip
@@ -143,7 +147,7 @@ def main() -> int:
     p.add_argument("--out", default=None, help="keep the built checkpoints here (default: temp)")
     p.add_argument("--save", default=None, help="write the results as JSON here as they come")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "LORA"), help=argparse.SUPPRESS)
-    p.add_argument("--with-personas", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--with-personas", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         model, lora = args.worker
@@ -162,18 +166,20 @@ def main() -> int:
     print(f"shape {args.shape}, {layers} layers", flush=True)
     paths = build(root, layers, args.shape)
     free, mixed = "vllm + personamoe (E=8, r=16, k=2)", "vllm + personamoe, a persona per request"
+    routed = "  ... routing personas only (6 of 8)"
     runs = {
-        "vllm (no adapters)": (paths["base"], None, False),
-        "vllm + 1 LoRA": (paths["base"], paths["lora"], False),
-        free: (paths["export"], None, False),
-        mixed: (paths["export"], None, True),
+        "vllm (no adapters)": (paths["base"], None, ""),
+        "vllm + 1 LoRA": (paths["base"], paths["lora"], ""),
+        free: (paths["export"], None, ""),
+        mixed: (paths["export"], None, "all"),
+        routed: (paths["export"], None, "routing"),
     }
     all_rates: dict[str, list[float]] = {name: [] for name in runs}
     for rnd in range(args.rounds):  # providers alternate, so that drift hits them alike
         for name, (model, lora, named) in runs.items():
             cmd = [sys.executable, __file__, "--worker", str(model), str(lora or "-"),
                    "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
-                   *(["--with-personas"] if named else [])]  # fmt: skip
+                   *(["--with-personas", named] if named else [])]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
             if proc.returncode != 0:
                 print(proc.stderr[-6000:], file=sys.stderr)
@@ -197,7 +203,8 @@ def main() -> int:
     )
     for name, rate in results.items():
         print(f"{name:40s} {rate / floor:6.3f} x the no-adapter throughput")
-    print(f"{mixed:40s} {results[mixed] / results[free]:6.3f} x free routing")
+    for name in (mixed, routed):
+        print(f"{name:40s} {results[name] / results[free]:6.3f} x free routing")
     if tmp is not None:
         tmp.cleanup()
     return 0
