@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from personamoe.__main__ import main
+from tests_vllm import tiny
 
 DOMAINS = ("a", "b", "c")
 PER_DOMAIN = 6
@@ -25,16 +26,7 @@ MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def _tokenizer(out: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    fast.save_pretrained(str(out))
+    tiny.build_tokenizer(out, WORDS)
 
 
 def _token_id(word: str) -> int:

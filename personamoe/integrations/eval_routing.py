@@ -387,18 +387,6 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--out", default="eval-routing", help="folder for results.json and the plot")
 
 
-def _pairs(items: Sequence[str], option: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name or not value:
-            raise SystemExit(f"{option}: expected NAME=PATH, got {item!r}")
-        if name in out:
-            raise SystemExit(f"{option}: the name {name!r} is given twice")
-        out[name] = value
-    return out
-
-
 def _ints(text: str, option: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -409,10 +397,11 @@ def _ints(text: str, option: str) -> list[int]:
 def main(args: Any) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from personamoe.integrations.checkpoint.cli import name_value_pairs
     from personamoe.integrations.text_data import read_texts, token_chunks
 
-    adapters = _pairs(args.adapter, "--adapter")
-    text_paths = _pairs(args.text, "--text")
+    adapters = name_value_pairs(args.adapter, "--adapter")
+    text_paths = name_value_pairs(args.text, "--text", "PATH")
     if set(text_paths) != set(adapters):
         raise SystemExit(
             f"--text: expected one per --adapter name {sorted(adapters)}, got {sorted(text_paths)}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from personamoe.options import CALIBRATIONS, NORMALIZE_MODES
@@ -35,17 +36,18 @@ def add_arguments(p: Any) -> None:
                         "combine with ';' (NAME:allow=a,b;bias=a=1)")  # fmt: skip
 
 
-def _adapter_folders(items: list[str]) -> dict[str, str]:
-    """``NAME=DIR`` arguments as ``{name: folder}``; a malformed or repeated name exits."""
-    adapters: dict[str, str] = {}
+def name_value_pairs(items: Sequence[str], option: str, what: str = "DIR") -> dict[str, str]:
+    """``NAME=VALUE`` arguments of ``option`` as ``{name: value}``; a malformed or repeated name
+    exits naming the option (``what`` names the value in the message). Shared by the commands."""
+    out: dict[str, str] = {}
     for item in items:
-        name, sep, folder = item.partition("=")
-        if not sep or not name or not folder:
-            raise SystemExit(f"--adapters: expected NAME=DIR, got {item!r}")
-        if name in adapters:
-            raise SystemExit(f"--adapters: the name {name!r} is given twice")
-        adapters[name] = folder
-    return adapters
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise SystemExit(f"{option}: expected NAME={what}, got {item!r}")
+        if name in out:
+            raise SystemExit(f"{option}: the name {name!r} is given twice")
+        out[name] = value
+    return out
 
 
 def _numbers(spec: str, key: str, value: str) -> dict[str, float]:
@@ -86,7 +88,7 @@ def parse_persona(spec: str) -> Persona:
 def main(args: Any) -> int:
     from personamoe.integrations.checkpoint.writer import export
 
-    adapters = _adapter_folders(args.adapters)
+    adapters = name_value_pairs(args.adapters, "--adapters")
     personas = [parse_persona(s) for s in args.persona]
     batches = None
     if (args.calibration == "data") != (args.calibration_text is not None):
