@@ -17,6 +17,15 @@ Stages (each saves JSON under ``--workdir`` as it goes; a later stage reads what
   oracle (``Persona(allow=[own])``), free routing top-1 / top-2 with calibration ``none`` and
   ``frobenius`` (and ``data`` when ``personamoe.calibrate`` exists), a uniform fixed mixture, the
   top-1 match rate of free routing (per token and layer), and PEFT's Arrow routing when installed.
+* ``joint`` (issue 17 item 2): the three adapters injected as one bank (``top_k=--joint-top-k``,
+  raw norms), base frozen, ``lora_A``/``lora_B`` trained together on the training split of all
+  domains (``--joint-batch-mode mixed``: the rows of each batch cycle through the domains) with
+  loss = LM loss + ``personamoe.routing_stats(model, alpha=--joint-alpha).loss``, AdamW
+  ``--joint-lr``, at most ``--joint-steps`` / ``--joint-budget-s``; step 0 checks which parts of the
+  loss send gradient to ``lora_A``. Then, on the held-out chunks, free routing top-1/top-2 with
+  calibration none/data of the original adapters ("before") and of the tuned bank ("after"), the
+  own expert forced, and the base; gain share against the original adapter forced. Saved under
+  ``results["joint"]`` (and ``--joint-out``).
 
 Run as on 2026-12-03 (2-core AMD EPYC VM, shared: prepare ~2 min, train 3 x 7 min at the 420 s
 budget, eval ~6 min)::
@@ -27,6 +36,8 @@ budget, eval ~6 min)::
         --calibrations none,frobenius --speed-rounds 3
     # then the eval-routing line it prints (saved as eval.eval_routing_command), and eval once more
     # to fold eval-routing's table into <workdir>/results.json
+    nice -n 10 python benchmarks/routing_real_model.py --stages joint --eval-chunks 8 \
+        --joint-budget-s 900 --joint-out benchmarks/results/routing-real-joint-<machine>.json
 """
 
 from __future__ import annotations
@@ -779,6 +790,315 @@ def summarise(results: dict[str, Any]) -> None:
         print(f"{name:20s} {cells}")
 
 
+# -- joint -------------------------------------------------------------------------------------
+
+
+def joint_bank_of(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
+    """Every persona layer's ``(lora_A, lora_B)``, detached copies."""
+    from personamoe.integrations.layers import persona_layers
+
+    return {name: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+            for name, layer in persona_layers(model)}  # fmt: skip
+
+
+def joint_model(
+    workdir: Path, top_k: int, bank: dict[str, tuple[Tensor, Tensor]] | None, calibration: str,
+    tokens: dict[str, Any], args: argparse.Namespace,
+) -> nn.Module:  # fmt: skip
+    """Base model with the three original adapters injected (``top_k``); ``bank`` (layer name ->
+    ``(lora_A, lora_B)``) then overwrites the factors: the jointly tuned bank. Calibration
+    ``"data"``: ``personamoe.calibrate`` on :func:`calibration_chunks`, as the eval stage does."""
+    import personamoe
+    from personamoe.integrations.layers import persona_layers
+
+    adapters = {d: str(workdir / "adapters" / d) for d in DOMAINS}
+    model = load_base(workdir)
+    personamoe.inject(model, adapters, top_k=top_k, calibration="none")
+    if bank is not None:
+        with torch.no_grad():
+            for name, layer in persona_layers(model):
+                a, b = bank[name]
+                layer.lora_A.copy_(a)
+                layer.lora_B.copy_(b)
+    if calibration == "data":
+        personamoe.calibrate(model, list(calibration_chunks(tokens, args)))
+    elif calibration != "none":
+        raise ValueError(f"joint: calibration {calibration!r} (expected none or data)")
+    model.eval()
+    return model
+
+
+class ScoreCounter(Top1Counter):
+    """:class:`Top1Counter` that also sums each expert's routing score (``||A_e x||`` under
+    calibration ``none``) over every (token, layer) it watches."""
+
+    def __init__(self, model: nn.Module, E: int) -> None:
+        super().__init__(model, E)
+        self.score_sum = torch.zeros(E, dtype=torch.float64)
+        self.score_n = 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.score_sum.zero_()
+        self.score_n = 0
+
+    def __call__(self) -> None:
+        for layer in self.layers:
+            rec = layer.pm_last
+            if rec is not None and rec.scores is not None:
+                s = rec.scores.reshape(-1, rec.scores.shape[-1]).double()
+                self.score_sum += s.sum(0).cpu()
+                self.score_n += s.shape[0]
+        super().__call__()
+
+
+def frobenius_by_expert(bank: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Any]:
+    """``||A_e||_F`` per expert averaged over layers, and the mean over layers of max/min."""
+    norms = torch.stack([torch.linalg.vector_norm(a.float(), dim=(1, 2)) for a, _ in bank.values()])
+    ratio = norms.max(1).values / norms.min(1).values.clamp_min(1e-30)
+    return {"mean_A_frobenius": {d: round(float(v), 4)
+                                 for d, v in zip(DOMAINS, norms.mean(0), strict=True)},
+            "mean_max_over_min": round(float(ratio.mean()), 4)}  # fmt: skip
+
+
+def joint_eval_bank(
+    workdir: Path, tokens: dict[str, Any], args: argparse.Namespace,
+    bank: dict[str, tuple[Tensor, Tensor]] | None, out: dict[str, Any], save: Callable[[], None],
+) -> None:  # fmt: skip
+    """Free routing top-1/top-2 with calibration none/data on the held-out chunks (NLL, top-1 match
+    per domain as in ``persona_eval``, mean score per expert), and each domain's own expert forced
+    (``Persona(allow=[own])``, top-1)."""
+    from personamoe import Persona, use_personas
+
+    ks = [int(k) for k in args.joint_eval_top_k.split(",") if k]
+    for calib in [c for c in args.joint_calibrations.split(",") if c]:
+        for k in ks:
+            key = f"free_top{k}_{calib}"
+            if key in out:
+                continue
+            t0 = time.perf_counter()
+            model = joint_model(workdir, k, bank, calib, tokens, args)
+            counter = ScoreCounter(model, len(DOMAINS))
+            res: dict[str, Any] = {}
+            for e, d in enumerate(DOMAINS):
+                counter.reset()
+                r = heldout_nll(model, tokens[d]["heldout"], args.eval_batch, after=counter)
+                tot = int(counter.counts.sum())
+                r["top1_match"] = round(int(counter.counts[e]) / max(1, tot), 4)
+                r["top1_share"] = {x: round(int(c) / max(1, tot), 4)
+                                   for x, c in zip(DOMAINS, counter.counts, strict=True)}  # fmt: skip
+                r["mean_score"] = {x: round(float(s) / max(1, counter.score_n), 4)
+                                   for x, s in zip(DOMAINS, counter.score_sum, strict=True)}  # fmt: skip
+                r["decisions"] = tot
+                res[d] = r
+                log(f"joint {key} {d}: nll {r['nll']} match {r['top1_match']} {r['top1_share']}")
+            out[key] = res
+            if "own_forced" not in out and calib == "none" and k == min(ks):
+                own: dict[str, Any] = {}
+                for d in DOMAINS:
+                    with use_personas(model, Persona("own", allow=[d])):
+                        own[d] = heldout_nll(model, tokens[d]["heldout"], args.eval_batch)
+                    log(f"joint own_forced {d}: {own[d]}")
+                out["own_forced"] = own
+            out.setdefault("eval_s", {})[key] = round(time.perf_counter() - t0, 1)
+            save()
+            del model
+
+
+def joint_train(
+    workdir: Path, tokens: dict[str, Any], args: argparse.Namespace, out: dict[str, Any],
+    save: Callable[[], None],
+) -> dict[str, tuple[Tensor, Tensor]]:  # fmt: skip
+    """Train the injected bank (the three adapters, router-free top-k routing on raw norms, base
+    frozen) on the training split of all domains: loss = LM loss + ``routing_stats(model,
+    alpha).loss`` (the load-balancing loss summed over the persona layers). Returns the bank."""
+    import personamoe
+    from personamoe.integrations.install import train_only_the_bank
+    from personamoe.integrations.layers import persona_layers
+
+    torch.manual_seed(args.seed)
+    adapters = {d: str(workdir / "adapters" / d) for d in DOMAINS}
+    model = load_base(workdir)
+    personamoe.inject(model, adapters, top_k=args.joint_top_k, calibration="none")
+    layers = [layer for _, layer in persona_layers(model)]
+    train_only_the_bank(model, layers, freeze_base=True)  # what inject does; said explicitly
+    a_params = [layer.lora_A for layer in layers]
+    b_params = [layer.lora_B for layer in layers]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if {id(p) for p in params} != {id(p) for p in a_params + b_params}:
+        raise RuntimeError("joint: something else than the banks' lora_A/lora_B requires grad")
+    out["trainable_params"] = sum(p.numel() for p in params)
+    out["frozen_params"] = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    out["persona_layers"] = len(layers)
+    out["frobenius_before"] = frobenius_by_expert(joint_bank_of(model))
+    model.train()
+    opt = torch.optim.AdamW(params, lr=args.joint_lr, weight_decay=0.0)
+    warm = max(1, args.joint_warmup)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    g = torch.Generator().manual_seed(args.seed + 17)
+    seq, B = args.seq, args.joint_batch
+    log_rows: list[dict[str, Any]] = []
+    out["log"] = log_rows
+    t0 = time.perf_counter()
+    steps = 0
+    for step in range(args.joint_steps):
+        doms = [DOMAINS[(step + j) % len(DOMAINS)] if args.joint_batch_mode == "mixed"
+                else DOMAINS[step % len(DOMAINS)] for j in range(B)]  # fmt: skip
+        rows = []
+        for d in doms:
+            ids = tokens[d]["train"]
+            s = int(torch.randint(0, ids.numel() - seq - 1, (1,), generator=g))
+            rows.append(ids[s : s + seq].long())
+        batch = torch.stack(rows)
+        o = model(input_ids=batch, labels=batch)
+        stats = personamoe.routing_stats(model, alpha=args.joint_alpha)
+        bal = stats.loss
+        loss = o.loss + bal
+        # training-batch top-1 match: each row's tokens against the row's domain, over all layers
+        want = torch.tensor([DOMAINS.index(d) for d in doms])[:, None]
+        hit = tot = 0
+        for layer in layers:
+            rec = layer.pm_last
+            top1 = rec.topk_idx.reshape(B, seq, -1)[..., 0].long().cpu()
+            hit += int((top1 == want).sum())
+            tot += top1.numel()
+        if step == 0:  # do gradients reach lora_A, from each part of the loss?
+            g_bal = torch.autograd.grad(bal, a_params, retain_graph=True, allow_unused=True)
+            g_lm = torch.autograd.grad(o.loss, a_params, retain_graph=True, allow_unused=True)
+
+            def norm_of(gs: tuple[Tensor | None, ...]) -> float:
+                return math.sqrt(sum(float(x.float().pow(2).sum()) for x in gs if x is not None))
+
+            out["grad_check_step0"] = {
+                "lm_loss_to_lora_A_norm": norm_of(g_lm),
+                "lm_loss_layers_with_nonzero_A_grad": sum(
+                    1 for x in g_lm if x is not None and bool(x.abs().sum() > 0)),
+                "balance_loss_to_lora_A_norm": norm_of(g_bal),
+                "balance_loss_layers_with_nonzero_A_grad": sum(
+                    1 for x in g_bal if x is not None and bool(x.abs().sum() > 0)),
+                "layers": len(a_params),
+            }  # fmt: skip
+            log(f"joint grad check: {out['grad_check_step0']}")
+        loss.backward()
+        a_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in a_params if p.grad is not None))
+        b_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in b_params if p.grad is not None))
+        gn = float(torch.nn.utils.clip_grad_norm_(params, args.joint_clip))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        steps = step + 1
+        el = time.perf_counter() - t0
+        row = {"step": step, "lm": round(float(o.loss.detach()), 4),
+               "balance": round(float(bal.detach()), 5), "train_top1_match": round(hit / tot, 4),
+               "grad_norm": round(gn, 4), "grad_A": round(a_norm, 5), "grad_B": round(b_norm, 5),
+               "domains": "".join(d[0] for d in doms), "t": round(el, 1)}  # fmt: skip
+        log_rows.append(row)
+        if step % 5 == 0 or step == args.joint_steps - 1:
+            log(f"joint step {step}: {row}")
+        if step % 10 == 9:
+            out["steps_done"] = steps
+            save()
+        if el > args.joint_budget_s:
+            log(f"joint: budget {args.joint_budget_s}s reached after {steps} steps")
+            break
+    wall = time.perf_counter() - t0
+    bank = joint_bank_of(model)
+    out.update({
+        "steps_done": steps, "tokens_seen": steps * B * seq, "wall_s": round(wall, 1),
+        "s_per_step": round(wall / max(1, steps), 2), "frobenius_after": frobenius_by_expert(bank),
+    })  # fmt: skip
+    n = min(10, steps)
+    if n:
+        for key in ("lm", "balance", "train_top1_match"):
+            out[f"{key}_first{n}_mean"] = round(sum(r[key] for r in log_rows[:n]) / n, 4)
+            out[f"{key}_last{n}_mean"] = round(sum(r[key] for r in log_rows[-n:]) / n, 4)
+    if args.joint_save_bank:
+        out["bank_dir"] = str(personamoe.save_bank(model, workdir / "joint_bank"))
+    save()
+    del model
+    return bank
+
+
+def stage_joint(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Joint fine-tuning of the bank (issue 17), then the held-out routing eval of the original
+    adapters ("before") and of the tuned bank ("after"), with the same chunks and code."""
+    workdir = Path(args.workdir)
+    tokens = torch.load(workdir / "data" / "tokens.pt")
+    if args.eval_chunks is not None:
+        for d in DOMAINS:
+            tokens[d]["heldout"] = tokens[d]["heldout"][: args.eval_chunks]
+    jt: dict[str, Any] = {}
+    prev = results.get("joint", {})
+    results["joint"] = jt
+    jt["settings"] = {
+        "loss": f"LM loss + personamoe.routing_stats(model, alpha={args.joint_alpha}).loss "
+                "(alpha*E*sum_e f_e P_e per persona layer, summed over the layers)",
+        "top_k_train": args.joint_top_k, "calibration_train": "none (raw ||A_e x||)",
+        "optimizer": "AdamW wd=0", "lr": args.joint_lr,
+        "schedule": f"linear warm-up {args.joint_warmup} steps, then constant",
+        "clip_grad_norm": args.joint_clip, "batch": args.joint_batch, "seq": args.seq,
+        "batch_mode": args.joint_batch_mode, "steps_asked": args.joint_steps,
+        "budget_s": args.joint_budget_s, "seed": args.seed, "trainable": "lora_A, lora_B",
+        "heldout_chunks_used": {d: int(tokens[d]["heldout"].shape[0]) for d in DOMAINS},
+        "eval_batch": args.eval_batch, "calib_tokens_per_domain": args.calib_tokens,
+    }  # fmt: skip
+    path = workdir / "results.json"
+
+    def save() -> None:
+        save_json(path, results)
+        if args.joint_out:
+            save_json(Path(args.joint_out), {"machine": results.get("machine"),
+                                             "argv": sys.argv, "joint": jt})  # fmt: skip
+
+    save()
+    t0 = time.perf_counter()
+    bank_file = workdir / "joint_bank.pt"
+    old = prev.get("train") if args.joint_reuse else None
+    if old and bank_file.exists():  # evaluate the bank a previous run trained (and its record)
+        jt["train"] = old
+        bank = torch.load(bank_file)
+        jt["train_reused_from"] = str(bank_file)
+        log(f"joint: reusing {bank_file} ({old.get('steps_done')} steps)")
+    else:
+        jt["train"] = {}
+        bank = joint_train(workdir, tokens, args, jt["train"], save)
+        torch.save(bank, bank_file)
+    reuse = args.joint_reuse and "train_reused_from" in jt  # keep what a cut-off run measured
+    jt["after"] = dict(prev.get("after", {})) if reuse else {}
+    joint_eval_bank(workdir, tokens, args, bank, jt["after"], save)
+    jt["before"] = dict(prev.get("before", {})) if reuse else {}
+    joint_eval_bank(workdir, tokens, args, None, jt["before"], save)
+    base = load_base(workdir)
+    jt["base"] = {d: heldout_nll(base, tokens[d]["heldout"], args.eval_batch) for d in DOMAINS}
+    del base
+    joint_summary(jt)
+    jt["wall_s"] = round(time.perf_counter() - t0, 1)
+    save()
+
+
+def joint_summary(jt: dict[str, Any]) -> None:
+    """Per config and domain: NLL, gain share ``(base - x) / (base - oracle)`` with oracle = the
+    original adapter forced (``before.own_forced``), top-1 match."""
+    base, oracle = jt["base"], jt["before"]["own_forced"]
+    rows: dict[str, Any] = {}
+    for when in ("before", "after"):
+        for key, res in jt[when].items():
+            if key == "eval_s" or not isinstance(res, dict):
+                continue
+            row = {}
+            for d in DOMAINS:
+                b, o, x = base[d]["nll"], oracle[d]["nll"], res[d]["nll"]
+                row[d] = {"nll": x, "gain_share": round((b - x) / (b - o), 3) if b != o else None,
+                          "top1_match": res[d].get("top1_match")}  # fmt: skip
+            rows[f"{when}_{key}"] = row
+    jt["summary"] = rows
+    print("\njoint: nll / gain share / top-1 match")
+    for name, row in rows.items():
+        cells = "  ".join(f"{d}: {c['nll']:.4f} / {c['gain_share']} / {c['top1_match']}"
+                          for d, c in row.items())  # fmt: skip
+        print(f"{name:28s} {cells}")
+
+
 # -- main --------------------------------------------------------------------------------------
 
 
@@ -815,6 +1135,30 @@ def main(argv: list[str] | None = None) -> int:
         default="none,frobenius,data",
         help="eval: personamoe calibrations to measure ('data' when calibrate exists)",
     )
+    j = p.add_argument_group("joint", "stage joint: fine-tune the bank together (issue 17)")
+    j.add_argument("--joint-steps", type=int, default=300, help="AdamW steps at most")
+    j.add_argument("--joint-budget-s", type=float, default=900.0,
+                   help="wall-clock cap of the joint training (stops early, evaluates)")  # fmt: skip
+    j.add_argument("--joint-lr", type=float, default=2e-4)
+    j.add_argument("--joint-warmup", type=int, default=5, help="linear warm-up steps")
+    j.add_argument("--joint-clip", type=float, default=1.0, help="gradient-norm clip")
+    j.add_argument("--joint-alpha", type=float, default=0.01, help="balance loss weight per layer")
+    j.add_argument("--joint-top-k", type=int, default=2, help="top_k while training")
+    j.add_argument("--joint-batch", type=int, default=3, help="sequences of --seq tokens per step")
+    j.add_argument(
+        "--joint-batch-mode",
+        choices=("mixed", "domain"),
+        default="mixed",
+        help="mixed: the rows of a batch cycle through the domains (the balance loss sees all\n"
+        "three); domain: each batch is one domain's, the domains take turns step by step",
+    )
+    j.add_argument("--joint-eval-top-k", default="1,2", help="free-routing top-k to evaluate")
+    j.add_argument("--joint-calibrations", default="none,data")
+    j.add_argument("--joint-save-bank", action="store_true",
+                   help="personamoe.save_bank the tuned bank to <workdir>/joint_bank")  # fmt: skip
+    j.add_argument("--joint-out", default=None, help="also save the joint section (JSON) here")
+    j.add_argument("--joint-reuse", action="store_true",
+                   help="evaluate the bank of the last joint run (<workdir>/joint_bank.pt)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--redo", action="store_true", help="prepare/eval: recompute what is already saved"
@@ -835,7 +1179,8 @@ def main(argv: list[str] | None = None) -> int:
     for stage in args.stages.split(","):
         t0 = time.perf_counter()
         log(f"stage {stage}")
-        {"prepare": stage_prepare, "train": stage_train, "eval": stage_eval}[stage](args, results)
+        {"prepare": stage_prepare, "train": stage_train, "eval": stage_eval,
+         "joint": stage_joint}[stage](args, results)  # fmt: skip
         results.setdefault("stage_wall_s", {})[stage] = round(time.perf_counter() - t0, 1)
         save_json(workdir / "results.json", results)
     if args.copy_to:
