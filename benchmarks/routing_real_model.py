@@ -446,6 +446,17 @@ def stage_train(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
+def top1_fields(counts: Any, own: int) -> dict[str, Any]:
+    """``decisions``, ``top1_match`` (share of top-1 decisions on the own adapter ``own``) and
+    ``top1_share`` (per adapter) from per-adapter top-1 counts."""
+    tot = max(1, int(counts.sum()))
+    return {
+        "decisions": int(counts.sum()),
+        "top1_match": round(int(counts[own]) / tot, 4),
+        "top1_share": {x: round(int(c) / tot, 4) for x, c in zip(DOMAINS, counts, strict=True)},
+    }
+
+
 def heldout_nll(
     model: nn.Module, chunks: Tensor, batch: int, after: Callable[[], None] | None = None
 ) -> dict[str, float]:
@@ -566,13 +577,9 @@ def persona_eval(
             for e, d in enumerate(DOMAINS):
                 counter.reset()
                 r = heldout_nll(model, tokens[d]["heldout"], args.eval_batch, after=counter)
-                tot = int(counter.counts.sum())
-                r["top1_match"] = round(int(counter.counts[e]) / max(1, tot), 4)
-                r["top1_share"] = {x: round(int(c) / max(1, tot), 4)
-                                   for x, c in zip(DOMAINS, counter.counts, strict=True)}  # fmt: skip
+                r.update(top1_fields(counter.counts, e))
                 r["top1_match_by_module"] = {kind: round(int(c[e]) / max(1, int(c.sum())), 4)
                                              for kind, c in counter.by_layer.items()}  # fmt: skip
-                r["decisions"] = tot
                 res[d] = r
                 log(f"{key} {d}: {r['nll']} match {r['top1_match']} {r['top1_share']}")
             out[key] = res
@@ -883,13 +890,9 @@ def joint_eval_bank(
             for e, d in enumerate(DOMAINS):
                 counter.reset()
                 r = heldout_nll(model, tokens[d]["heldout"], args.eval_batch, after=counter)
-                tot = int(counter.counts.sum())
-                r["top1_match"] = round(int(counter.counts[e]) / max(1, tot), 4)
-                r["top1_share"] = {x: round(int(c) / max(1, tot), 4)
-                                   for x, c in zip(DOMAINS, counter.counts, strict=True)}  # fmt: skip
+                r.update(top1_fields(counter.counts, e))
                 r["mean_score"] = {x: round(float(s) / max(1, counter.score_n), 4)
                                    for x, s in zip(DOMAINS, counter.score_sum, strict=True)}  # fmt: skip
-                r["decisions"] = tot
                 res[d] = r
                 log(f"joint {key} {d}: nll {r['nll']} match {r['top1_match']} {r['top1_share']}")
             out[key] = res
