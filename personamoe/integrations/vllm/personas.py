@@ -80,6 +80,12 @@ class ServedPersonas:
         return bool(self.fixed.any())
 
     def row_of(self, name: str) -> int:
+        """The table row of persona ``name``; ``ValueError`` naming it and the served ones."""
+        if name not in self.names:
+            raise ValueError(
+                f"extra_args[{PERSONA_ARG!r}]: unknown persona {name!r}; {self.path} serves "
+                f"{list(self.names)}"
+            )
         return 1 + self.names.index(name)
 
     @classmethod
@@ -210,11 +216,7 @@ def check_request(params: Any) -> None:
             f"extra_args[{PERSONA_ARG!r}]: persona {name!r} cannot be served per request here: "
             f"{fe.refusal}"
         )
-    if name not in fe.served.names:
-        raise ValueError(
-            f"extra_args[{PERSONA_ARG!r}]: unknown persona {name!r}; {fe.served.path} serves "
-            f"{list(fe.served.names)}"
-        )
+    fe.served.row_of(name)
 
 
 # -- batch rows, in each worker ---------------------------------------------------------------------
@@ -235,12 +237,7 @@ class BatchPersonas:
         name = requested_persona(params)
         if name is None:
             return 0
-        if name not in self.served.names:  # admission refuses these; never route them freely
-            raise ValueError(
-                f"extra_args[{PERSONA_ARG!r}]: unknown persona {name!r}; {self.served.path} "
-                f"serves {list(self.served.names)}"
-            )
-        return self.served.row_of(name)
+        return self.served.row_of(name)  # admission refuses unknown names; never route them freely
 
     def update(self, batch_update: Any) -> None:
         """Apply vLLM's ``BatchUpdate`` (removed, then added, then moved; docs of vLLM's
